@@ -1,0 +1,71 @@
+"""Final export as a plain Hugging Face directory, checked by reloading it and comparing logits."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from distft.model import load_model
+
+log = logging.getLogger(__name__)
+
+
+def export_model(strategy, tokenizer, out_dir: Path, *, rank: int) -> None:
+    """LoRA/QLoRA: adapter (adapter_config.json + adapter_model.safetensors) + tokenizer. Full: model + tokenizer."""
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    strategy.export(out_dir, tokenizer, rank)
+
+
+def load_export(export_dir: Path, *, dtype: str, quant_config=None, device: torch.device | None = None):
+    """Load an export the way a user would, with plain transformers / peft."""
+    export_dir = Path(export_dir)
+    if (export_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_dir = json.loads((export_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = load_model(base_dir, dtype=dtype, quantization_config=quant_config, device=device)
+        return PeftModel.from_pretrained(base, export_dir).to(device or "cpu")
+    return load_model(str(export_dir), dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def verify_export(model, export_dir: Path, *, method: str, dtype: str, quant_config, probe_rows, device,
+                  run_dir: Path) -> dict:
+    """Reload the export and compare its logits with the trained model's on one training row.
+
+    Saves the probe (input and trained logits) as run_dir/export_probe.pt so anyone can repeat the check.
+    """
+    row = probe_rows[0]
+    input_ids = torch.tensor([row.input_ids[:128]], device=device)
+    was_training = model.training
+    model.eval()
+    trained = model(input_ids=input_ids, use_cache=False).logits.float()
+    model.train(was_training)
+    reloaded_model = load_export(export_dir, dtype=dtype, quant_config=quant_config, device=device)
+    reloaded_model.eval()
+    reloaded = reloaded_model(input_ids=input_ids, use_cache=False).logits.float()
+    del reloaded_model
+    diff = float((trained - reloaded).abs().max())
+    scale = float(trained.abs().max())
+    tolerance = 1e-4 * max(1.0, scale) if dtype == "fp32" else 2e-2 * max(1.0, scale)
+    torch.save({"input_ids": input_ids.cpu(), "logits": trained.cpu(), "method": method}, run_dir / "export_probe.pt")
+    info = {"max_abs_logit_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance}
+    if not info["ok"]:
+        raise RuntimeError(f"export check failed: reloaded {export_dir} differs from the trained model by {diff:.3g} "
+                           f"(tolerance {tolerance:.3g})")
+    log.info("export verified: max |logit diff| = %.3g", diff)
+    return info
+
+
+def merge_adapter(base_dir: str, adapter_dir: Path, out_dir: Path, *, dtype: str = "fp32") -> None:
+    """Merge a LoRA/QLoRA adapter into an unquantised copy of the base and save a standalone model."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_model(base_dir, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)

@@ -1,0 +1,365 @@
+"""The per-worker recipe, top to bottom: model → method → strategy → data → (resume) → loop → evaluate → export.
+
+Ray Train runs `train_worker` on every worker. It never branches on the strategy: DDP/FSDP/DeepSpeed differences
+live behind `distft.strategy.Strategy`.
+"""
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from distft import dist
+from distft.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from distft.data import ShardedBatches, build_rows, format_prompt, load_examples
+from distft.eval import gold_answer, greedy_generate, score
+from distft.export import export_model, merge_adapter, verify_export
+from distft.methods import apply_method, quantization_config
+from distft.model import count_params, load_model, load_tokenizer
+from distft.strategy import build_strategy
+from distft.tracking import MetricsFile, WandbLogger
+
+log = logging.getLogger("distft")
+
+FAULT_ENV = "DISTFT_FAULT_AT_STEP"  # test hook: "STEP:RANK" kills that rank once when it reaches STEP
+
+
+def train_worker(config: dict) -> None:
+    """Entry point that Ray Train calls on each worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = OmegaConf.create(config["cfg"])
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    with (checkpoint.as_directory() if checkpoint else _nullpath()) as ckpt_path:
+        if ckpt_path is not None:
+            resume_dir = Path(ckpt_path)
+        run_training(cfg, run_dir=Path(config["run_dir"]), model_dir=config["model_dir"], rank=rank,
+                     world=world, device=device, resume_dir=resume_dir, report=_ray_report)
+
+
+def _ray_report(metrics: dict, ckpt_dir: Path, step: int) -> None:
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+                     checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+class _nullpath:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_dtype(method: str, precision: str) -> str:
+    """Full fine-tuning keeps fp32 master weights (autocast does the bf16 math); frozen LoRA bases load in the
+    compute precision to halve their memory."""
+    return "fp32" if method == "full" else precision
+
+
+def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, device: torch.device,
+                 resume_dir: Path | None, report) -> dict:
+    logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    trainer, method = cfg.trainer, cfg.method
+    precision = trainer.precision
+    compute_dtype = method.compute_dtype or precision
+
+    # --- model and method ---------------------------------------------------------------------------------
+    torch.manual_seed(trainer.seed)  # identical LoRA init on every rank
+    tokenizer = load_tokenizer(model_dir, revision=cfg.model.revision)
+    quant = None
+    if method.name == "qlora":
+        quant = quantization_config(quant_type=method.quant_type, double_quant=method.double_quant,
+                                    compute_dtype=compute_dtype, quant_storage=method.quant_storage)
+    weights_dtype = load_dtype(method.name, compute_dtype if quant else precision)
+    model = load_model(model_dir, dtype=weights_dtype,
+                       quantization_config=quant, device=device,
+                       attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision)
+    model = apply_method(model, name=method.name, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
+                         lora_dropout=method.lora_dropout, target_modules=list(method.target_modules),
+                         gradient_checkpointing=trainer.gradient_checkpointing)
+    trainable_params, total_params = count_params(model)
+
+    # --- data ---------------------------------------------------------------------------------------------
+    template = cfg.data.template if cfg.model.chat_template else "plain"
+    data_kwargs = dict(name=cfg.data.name, path=cfg.data.path, tokenizer=tokenizer, template=template,
+                       seq_len=cfg.data.seq_len, hub_id=cfg.data.hub_id, system_prompt=cfg.data.system_prompt)
+    train_rows, data_stats = build_rows(split="train", packing=cfg.data.packing,
+                                        limit=cfg.data.max_train_examples, **data_kwargs)
+    accum = trainer.global_batch_size // (trainer.micro_batch_size * world)
+    batches = ShardedBatches(train_rows, micro_batch_size=trainer.micro_batch_size, rank=rank, world_size=world,
+                             seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
+    steps_per_epoch = len(batches) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_rows)} training rows cannot fill one step of trainer.global_batch_size="
+            f"{trainer.global_batch_size}; lower the batch size or add data"
+        )
+    max_steps = trainer.max_steps or trainer.epochs * steps_per_epoch
+
+    # --- strategy, optimizer, schedule --------------------------------------------------------------------
+    lr = trainer.lr if trainer.lr is not None else method.default_lr
+    warmup = trainer.warmup_steps if trainer.warmup_steps is not None else math.ceil(trainer.warmup_ratio * max_steps)
+    strategy = build_strategy(cfg.strategy.name, device=device, precision=precision,
+                              find_unused_parameters=cfg.strategy.find_unused_parameters)
+    strategy.prepare(
+        model,
+        build_optimizer=lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,
+                                                         weight_decay=trainer.weight_decay),
+        build_scheduler=lambda opt: build_scheduler(opt, trainer.lr_schedule, warmup, max_steps, trainer.min_lr_ratio),
+    )
+
+    # --- resume -------------------------------------------------------------------------------------------
+    step = 0
+    if resume_dir is not None:
+        problem = check_checkpoint(resume_dir)
+        if problem:
+            raise RuntimeError(f"Ray handed this run an incomplete checkpoint: {problem}")
+        state = load_checkpoint(resume_dir, strategy=strategy, rank=rank, world_size=world)
+        step = state["step"]
+        batches.load_state_dict(state["loader"])
+        log.info("resumed from %s at step %d", resume_dir, step)
+    else:
+        torch.manual_seed(trainer.seed + 1000 * (rank + 1))  # per-rank dropout stream; a resume restores it instead
+
+    # --- tracking (rank 0) --------------------------------------------------------------------------------
+    metrics = wandb = None
+    if rank == 0:
+        metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=step)
+        if cfg.logger.name == "wandb":
+            wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                                tags=list(cfg.logger.tags), mode=cfg.logger.mode, run_name=cfg.run.name,
+                                run_dir=run_dir, config=OmegaConf.to_container(cfg), resume=resume_dir is not None)
+    eval_examples = load_examples(cfg.data.name, cfg.data.path, "test", hub_id=cfg.data.hub_id,
+                                  limit=_max_limit(cfg.eval), system_prompt=cfg.data.system_prompt) \
+        if cfg.eval.enabled else []
+
+    def evaluate_now() -> dict:
+        return evaluate(strategy.unwrap(), tokenizer, eval_examples, cfg=cfg, template=template, rank=rank,
+                        world=world, device=device, forward_context=strategy.forward_context)
+
+    eval_start = None
+    if cfg.eval.enabled and cfg.eval.at_start and step == 0:
+        eval_start = evaluate_now()
+        if rank == 0:
+            _write_json(run_dir / "eval_start.json", eval_start)
+
+    # --- loop ---------------------------------------------------------------------------------------------
+    stream = batches.forever()
+    fault = _fault_step(rank)
+    model.train()
+    step_times: list[float] = []
+    step_tokens: list[int] = []
+    bar = _progress_bar(max_steps, step) if rank == 0 and trainer.progress_bar else None
+    while step < max_steps:
+        t0 = time.perf_counter()
+        micro = [next(stream) for _ in range(accum)]
+        global_tokens = dist.all_reduce(sum(b["num_loss_tokens"] for b in micro), device)
+        # Each micro-batch's summed token loss is divided by the answer tokens of the whole global batch, so any
+        # micro-batch x accumulation x workers factorisation gives the same update. DDP averages over workers,
+        # hence the factor `world`.
+        scale = world / max(global_tokens, 1.0)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            with strategy.sync_context(sync=i == accum - 1):
+                with strategy.forward_context():
+                    logits = strategy.model(**_model_inputs(batch, device)).logits
+                token_loss = causal_lm_loss_sum(logits, batch["labels"].to(device))
+                strategy.backward(token_loss * scale)
+            loss_sum += float(token_loss.detach())
+        loss = dist.all_reduce(loss_sum, device) / max(global_tokens, 1.0)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping before the optimizer step")
+        lr_now = strategy.current_lr()
+        grad_norm = strategy.step(trainer.max_grad_norm)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        tokens = dist.all_reduce(sum(int(b["input_ids"].numel()) for b in micro), device)
+        step_times.append(elapsed)
+        step_tokens.append(tokens)
+        if fault is not None and step == fault:
+            _inject_fault(run_dir, rank, step)
+        if rank == 0:
+            row = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm,
+                   "tokens_per_second": tokens / elapsed, "answer_tokens": int(global_tokens),
+                   "epoch": batches.state_dict()["epoch"], "step_seconds": elapsed}
+            if step % trainer.log_every == 0 or step == max_steps:
+                metrics.log(row)
+                if wandb:
+                    wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        if step % trainer.checkpoint_every == 0 or step == max_steps:
+            _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, {"loss": loss})
+    if bar:
+        bar.close()
+
+    # --- evaluate and export ------------------------------------------------------------------------------
+    eval_end = evaluate_now() if cfg.eval.enabled else None
+    export_dir = run_dir / "export"
+    export_info = None
+    if cfg.run.export:
+        export_model(strategy, tokenizer, export_dir, rank=rank)
+        dist.barrier()
+        if rank == 0:
+            export_info = verify_export(strategy.unwrap(), export_dir, method=method.name, quant_config=quant,
+                                        dtype=weights_dtype,
+                                        probe_rows=train_rows[:1], device=device, run_dir=run_dir)
+            if method.merge_on_export and method.name != "full":
+                merge_adapter(model_dir, export_dir, export_dir / "merged", dtype=load_dtype("lora", compute_dtype))
+        dist.barrier()
+
+    peak = dist.all_reduce(dist.peak_memory_bytes(device), device, op="max")
+    result = {
+        "steps": step,
+        "max_steps": max_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "grad_accum": accum,
+        "lr": lr,
+        "tokens_per_second": steady_throughput(step_tokens, step_times),
+        "peak_memory_bytes": int(peak),
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "data": data_stats,
+        "eval_start": eval_start,
+        "eval": eval_end,
+        "export_dir": str(export_dir) if cfg.run.export else None,
+        "export_check": export_info,
+        "resumed_from": str(resume_dir) if resume_dir else None,
+    }
+    if rank == 0:
+        _write_json(run_dir / "train_result.json", result)
+        if wandb:
+            wandb.summary({k: v for k, v in (eval_end or {}).items() if isinstance(v, (int, float))})
+            wandb.finish()
+    return result
+
+
+def steady_throughput(tokens: list[int], seconds: list[float]) -> float | None:
+    """Tokens per second over this attempt's steps, leaving out the first (it pays for warm-up)."""
+    if len(seconds) > 1:
+        tokens, seconds = tokens[1:], seconds[1:]
+    return sum(tokens) / sum(seconds) if seconds else None
+
+
+def build_scheduler(optimizer, schedule: str, warmup: int, total: int, min_lr_ratio: float):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
+    kwargs = {"min_lr_rate": min_lr_ratio} if schedule == "cosine" else None
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                         scheduler_specific_kwargs=kwargs)
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of next-token predictions over answer tokens (labels != -100)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+              "use_cache": False}
+    # Packed rows come without a mask: transformers derives a block-diagonal causal mask from position_ids.
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    return inputs
+
+
+def _max_limit(eval_cfg) -> int | None:
+    limits = [eval_cfg.loss_examples, eval_cfg.gsm8k_examples]
+    return None if any(x is None for x in limits) else max(limits)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, *, cfg, template: str, rank: int, world: int, device: torch.device,
+             forward_context) -> dict:
+    """Eval loss on answer tokens and (for GSM8K) greedy-decoding accuracy, each rank on a disjoint shard."""
+    from distft.data import encode_examples, pack_examples, unpacked_rows
+
+    was_training = model.training
+    model.eval()
+    out: dict = {}
+    loss_examples = examples[: cfg.eval.loss_examples] if cfg.eval.loss_examples is not None else examples
+    encoded, _ = encode_examples(tokenizer, loss_examples, template, cfg.data.seq_len)
+    rows = pack_examples(encoded, cfg.data.seq_len, tokenizer.pad_token_id) if cfg.data.packing else unpacked_rows(encoded)
+    loader = ShardedBatches(rows, micro_batch_size=cfg.trainer.micro_batch_size, rank=rank, world_size=world,
+                            seed=0, shuffle=False, pad_id=tokenizer.pad_token_id, pad_to_equal=True)
+    loss_sum = tokens = 0.0
+    for batch in loader:
+        with forward_context():
+            logits = model(**_model_inputs(batch, device)).logits
+        loss_sum += float(causal_lm_loss_sum(logits, batch["labels"].to(device)))
+        tokens += batch["num_loss_tokens"]
+    loss_sum, tokens = dist.all_reduce(loss_sum, device), dist.all_reduce(tokens, device)
+    out["eval_loss"] = loss_sum / max(tokens, 1.0)
+    out["eval_loss_examples"] = len(loss_examples)
+
+    if cfg.data.name == "gsm8k" and cfg.eval.gsm8k_examples != 0:
+        gen_examples = examples[: cfg.eval.gsm8k_examples] if cfg.eval.gsm8k_examples is not None else examples
+        mine = list(range(rank, len(gen_examples), world))
+        prompts = [format_prompt(tokenizer, gen_examples[i].messages, template) for i in mine]
+        with forward_context():
+            texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                                    batch_size=cfg.eval.batch_size)
+        gathered = dist.all_gather_objects(list(zip(mine, texts)))
+        by_index = dict(pair for part in gathered for pair in part)
+        predictions = [by_index[i] for i in range(len(gen_examples))]
+        out.update(score(predictions, [gold_answer(e.response) for e in gen_examples]))
+        out["samples"] = [{"question": gen_examples[i].messages[-1]["content"], "output": predictions[i]}
+                          for i in range(min(3, len(gen_examples)))]
+    model.train(was_training)
+    return out
+
+
+def _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, metrics) -> None:
+    info = {"method": cfg.method.name, "strategy": cfg.strategy.name, "model": cfg.model.name}
+    with tempfile.TemporaryDirectory(prefix="distft-ckpt-") as tmp:
+        save_checkpoint(Path(tmp), strategy=strategy, rank=rank, world_size=world, step=step,
+                        loader_state=batches.state_dict(), info=info)
+        report({"step": step, **metrics}, Path(tmp), step)
+
+
+def _fault_step(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    step, _, fault_rank = spec.partition(":")
+    return int(step) if int(fault_rank or 0) == rank else None
+
+
+def _inject_fault(run_dir: Path, rank: int, step: int) -> None:
+    marker = run_dir / f".fault_injected_step{step}_rank{rank}"
+    if marker.exists():  # only once, so the restarted attempt can pass this step
+        return
+    marker.write_text("")
+    log.error("%s: killing rank %d at step %d", FAULT_ENV, rank, step)
+    os._exit(1)
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    # Ray forwards worker output line by line, so redraw rarely rather than in place.
+    return tqdm(total=total, initial=initial, desc="train", mininterval=10, ncols=100)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

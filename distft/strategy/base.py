@@ -1,0 +1,45 @@
+"""The one interface the training loop sees. DDP, FSDP and DeepSpeed differ only behind it."""
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+OptimizerBuilder = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerBuilder = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class Strategy(Protocol):
+    name: str
+
+    def prepare(self, model: torch.nn.Module, build_optimizer: OptimizerBuilder, build_scheduler: SchedulerBuilder) -> None:
+        """Wrap or shard `model` and build its optimizer and LR scheduler."""
+
+    def forward_context(self) -> AbstractContextManager:
+        """Mixed-precision context for forward passes (autocast, or nothing when the engine casts itself)."""
+
+    def sync_context(self, sync: bool) -> AbstractContextManager:
+        """Gradient accumulation: `sync=False` for every micro-batch but the last of an optimizer step."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, max_grad_norm: float) -> float:
+        """Clip, step optimizer and scheduler, zero gradients. Returns the gradient norm before clipping."""
+
+    def current_lr(self) -> float: ...
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped model to call for training forwards."""
+
+    def unwrap(self) -> torch.nn.Module:
+        """The Hugging Face / peft model, for evaluation and export."""
+
+    def save(self, ckpt_dir: Path, rank: int) -> None:
+        """Write this rank's part of the model, optimizer and scheduler state."""
+
+    def load(self, ckpt_dir: Path, rank: int) -> None: ...
+
+    def export(self, out_dir: Path, tokenizer, rank: int) -> None:
+        """Write a plain Hugging Face directory (full model or peft adapter) loadable without distft."""

@@ -1,0 +1,178 @@
+"""`python -m distft.train +experiment=gsm8k_lora [overrides]`
+
+Compose the config (Hydra) → validate it → prepare the model once → connect to Ray → run the recipe on Ray Train
+workers → write summary.json. Nothing is scheduled on the cluster until every check has passed.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from distft.config import register_configs, validate_cluster, validate_config
+from distft.config.validate import local_cpu_count
+from distft.errors import UserError
+from distft.model import cache_dir, resolve_model_dir
+from distft.tracking import read_metrics
+
+register_configs()
+
+# Variables the workers need to see exactly as the driver does.
+PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE",
+                    "DISTFT_FAULT_AT_STEP")
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = launch(cfg)
+    except UserError as e:
+        print(f"\ndistft: error: {e}\n", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
+    if summary["status"] != "completed":
+        sys.exit(1)
+
+
+def launch(cfg: DictConfig) -> dict:
+    cfg.run.storage_path = str(Path(to_absolute_path(cfg.run.storage_path)))
+    if cfg.data.path is not None:
+        cfg.data.path = to_absolute_path(cfg.data.path)
+    validate_config(cfg)
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    _refuse_completed(run_dir)
+
+    model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
+    import ray
+
+    init_ray(cfg)
+    validate_cluster(cfg, ray.cluster_resources())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir)
+    started = time.time()
+    status, error = "completed", None
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the summary records the cause
+        status, error = "failed", _root_cause(e)
+        print(f"\ndistft: training failed: {error}\n", file=sys.stderr)
+    summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join the cluster named by run.address or RAY_ADDRESS; otherwise start a local one sized for this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    s = cfg.scaling
+    ray.init(num_cpus=max(local_cpu_count(), math.ceil(s.num_workers * s.cpus_per_worker)),
+             include_dashboard=False, log_to_driver=True)
+
+
+def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distft.recipe import train_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(max(1, int(s.cpus_per_worker))),
+        "DISTFT_CACHE": str(cache_dir()),
+        **{k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ},
+        **{str(k): str(v) for k, v in cfg.run.env.items()},
+    }
+    if not s.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU workers
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
+                           "model_dir": model_dir},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | None, wall_seconds: float) -> dict:
+    """summary.json: the contract other tools (report, plan, CI) read. Keys are stable; values are measured."""
+    result_path = run_dir / "train_result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() and status == "completed" else {}
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {
+        "status": status,
+        "error": error,
+        "run_name": cfg.run.name,
+        "run_dir": str(run_dir),
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "strategy": cfg.strategy.name,
+        "hardware": cfg.hardware.name,
+        "num_workers": cfg.scaling.num_workers,
+        "steps": result.get("steps", rows[-1]["step"] if rows else 0),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval": result.get("eval"),
+        "eval_start": result.get("eval_start"),
+        "tokens_per_second": result.get("tokens_per_second"),
+        "peak_memory_bytes": result.get("peak_memory_bytes"),
+        "trainable_params": result.get("trainable_params"),
+        "total_params": result.get("total_params"),
+        "wall_seconds": wall_seconds,
+        "export_dir": result.get("export_dir"),
+        "export_check": result.get("export_check"),
+        "lr": result.get("lr"),
+        "grad_accum": result.get("grad_accum"),
+        "data": result.get("data"),
+        "resumed_from": result.get("resumed_from"),
+    }
+
+
+def _refuse_completed(run_dir: Path) -> None:
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+        raise UserError(
+            f"run '{run_dir.name}' already completed ({summary}); pick a new run.name=... to start another run, "
+            "or delete that directory"
+        )
+
+
+def _root_cause(error: Exception) -> str:
+    """The innermost exception message: Ray nests the worker's error inside its own."""
+    seen = error
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    return f"{type(seen).__name__}: {seen}"
+
+
+if __name__ == "__main__":
+    main()
