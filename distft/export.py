@@ -49,7 +49,9 @@ def verify_export(model, export_dir: Path, *, method: str, dtype: str, quant_con
     del reloaded_model
     diff = float((trained - reloaded).abs().max())
     scale = float(trained.abs().max())
-    tolerance = 1e-4 * max(1.0, scale) if dtype == "fp32" else 2e-2 * max(1.0, scale)
+    # fp32 reloads are exact in practice; 4-bit kernels take other code paths for inference (about 1e-4 off).
+    rel = 2e-2 if dtype != "fp32" else (2e-3 if quant_config is not None else 1e-4)
+    tolerance = rel * max(1.0, scale)
     torch.save({"input_ids": input_ids.cpu(), "logits": trained.cpu(), "method": method}, run_dir / "export_probe.pt")
     info = {"max_abs_logit_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance}
     if not info["ok"]:

