@@ -31,28 +31,22 @@ def load_export(export_dir: Path, *, dtype: str, quant_config=None, device: torc
 
 
 @torch.no_grad()
-def verify_export(model, export_dir: Path, *, method: str, dtype: str, quant_config, probe_rows, device,
-                  run_dir: Path) -> dict:
-    """Reload the export and compare its logits with the trained model's on one training row.
+def verify_export(export_dir: Path, *, probe: torch.Tensor, trained_logits: torch.Tensor, method: str, dtype: str,
+                  quant_config, device, run_dir: Path) -> dict:
+    """Reload the export as a user would and compare its logits with the trained model's on `probe`.
 
     Saves the probe (input and trained logits) as run_dir/export_probe.pt so anyone can repeat the check.
     """
-    row = probe_rows[0]
-    input_ids = torch.tensor([row.input_ids[:128]], device=device)
-    was_training = model.training
-    model.eval()
-    trained = model(input_ids=input_ids, use_cache=False).logits.float()
-    model.train(was_training)
     reloaded_model = load_export(export_dir, dtype=dtype, quant_config=quant_config, device=device)
     reloaded_model.eval()
-    reloaded = reloaded_model(input_ids=input_ids, use_cache=False).logits.float()
+    reloaded = reloaded_model(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     del reloaded_model
-    diff = float((trained - reloaded).abs().max())
-    scale = float(trained.abs().max())
+    diff = float((trained_logits - reloaded).abs().max())
+    scale = float(trained_logits.abs().max())
     # fp32 reloads are exact in practice; 4-bit kernels take other code paths for inference (about 1e-4 off).
     rel = 2e-2 if dtype != "fp32" else (2e-3 if quant_config is not None else 1e-4)
     tolerance = rel * max(1.0, scale)
-    torch.save({"input_ids": input_ids.cpu(), "logits": trained.cpu(), "method": method}, run_dir / "export_probe.pt")
+    torch.save({"input_ids": probe.cpu(), "logits": trained_logits, "method": method}, run_dir / "export_probe.pt")
     info = {"max_abs_logit_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance}
     if not info["ok"]:
         raise RuntimeError(f"export check failed: reloaded {export_dir} differs from the trained model by {diff:.3g} "

@@ -115,7 +115,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     lr = trainer.lr if trainer.lr is not None else method.default_lr
     warmup = trainer.warmup_steps if trainer.warmup_steps is not None else math.ceil(trainer.warmup_ratio * max_steps)
     strategy = build_strategy(cfg.strategy.name, device=device, precision=precision,
-                              find_unused_parameters=cfg.strategy.find_unused_parameters)
+                              micro_batch_size=trainer.micro_batch_size, grad_accum=accum,
+                              options=OmegaConf.to_container(cfg.strategy, resolve=True))
     strategy.prepare(
         model,
         build_optimizer=lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,
@@ -149,8 +150,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         if cfg.eval.enabled else []
 
     def evaluate_now() -> dict:
-        return evaluate(strategy.unwrap(), tokenizer, eval_examples, cfg=cfg, template=template, rank=rank,
-                        world=world, device=device, forward_context=strategy.forward_context)
+        return evaluate(strategy, tokenizer, eval_examples, cfg=cfg, template=template, rank=rank, world=world,
+                        device=device)
 
     eval_start = None
     if cfg.eval.enabled and cfg.eval.at_start and step == 0:
@@ -214,12 +215,14 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     export_dir = run_dir / "export"
     export_info = None
     if cfg.run.export:
+        # Every rank takes part: sharded strategies gather weights collectively for both steps.
+        probe = torch.tensor([train_rows[0].input_ids[:128]])
+        trained_logits = probe_logits(strategy, probe, device)
         export_model(strategy, tokenizer, export_dir, rank=rank)
         dist.barrier()
         if rank == 0:
-            export_info = verify_export(strategy.unwrap(), export_dir, method=method.name, quant_config=quant,
-                                        dtype=weights_dtype,
-                                        probe_rows=train_rows[:1], device=device, run_dir=run_dir)
+            export_info = verify_export(export_dir, probe=probe, trained_logits=trained_logits, method=method.name,
+                                        dtype=weights_dtype, quant_config=quant, device=device, run_dir=run_dir)
             if method.merge_on_export and method.name != "full":
                 merge_adapter(model_dir, export_dir, export_dir / "merged", dtype=load_dtype("lora", compute_dtype))
         dist.barrier()
@@ -287,11 +290,26 @@ def _max_limit(eval_cfg) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, *, cfg, template: str, rank: int, world: int, device: torch.device,
-             forward_context) -> dict:
-    """Eval loss on answer tokens and (for GSM8K) greedy-decoding accuracy, each rank on a disjoint shard."""
+def probe_logits(strategy, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The trained model's logits on one input, computed by every rank (sharded models need all of them)."""
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+@torch.no_grad()
+def evaluate(strategy, tokenizer, examples, *, cfg, template: str, rank: int, world: int, device: torch.device) -> dict:
+    """Eval loss on answer tokens and (for GSM8K) greedy-decoding accuracy, each rank on a disjoint shard.
+
+    Every rank runs the same number of loss batches (shards are padded), so sharded models can run their
+    collectives; generation runs on the model the strategy hands out for it.
+    """
     from distft.data import encode_examples, pack_examples, unpacked_rows
 
+    model = strategy.model
     was_training = model.training
     model.eval()
     out: dict = {}
@@ -302,7 +320,7 @@ def evaluate(model, tokenizer, examples, *, cfg, template: str, rank: int, world
                             seed=0, shuffle=False, pad_id=tokenizer.pad_token_id, pad_to_equal=True)
     loss_sum = tokens = 0.0
     for batch in loader:
-        with forward_context():
+        with strategy.forward_context():
             logits = model(**_model_inputs(batch, device)).logits
         loss_sum += float(causal_lm_loss_sum(logits, batch["labels"].to(device)))
         tokens += batch["num_loss_tokens"]
@@ -314,8 +332,8 @@ def evaluate(model, tokenizer, examples, *, cfg, template: str, rank: int, world
         gen_examples = examples[: cfg.eval.gsm8k_examples] if cfg.eval.gsm8k_examples is not None else examples
         mine = list(range(rank, len(gen_examples), world))
         prompts = [format_prompt(tokenizer, gen_examples[i].messages, template) for i in mine]
-        with forward_context():
-            texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+        with strategy.generation_context() as gen_model, strategy.forward_context():
+            texts = greedy_generate(gen_model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                     batch_size=cfg.eval.batch_size)
         gathered = dist.all_gather_objects(list(zip(mine, texts)))
         by_index = dict(pair for part in gathered for pair in part)

@@ -6,7 +6,7 @@ time with Hydra's own message.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -57,8 +57,14 @@ class MethodConfig:
 class StrategyConfig:
     """How the model is replicated or sharded across workers."""
 
-    name: str = "ddp"
-    find_unused_parameters: bool = False
+    name: str = "ddp"  # ddp | zero1 | zero2 | zero3 | zero3_offload | fsdp | fsdp_offload
+    find_unused_parameters: bool = False  # ddp
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (set by the zero* presets)
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged over ours
+    reshard_after_forward: bool = True  # FSDP2: free gathered layers after forward (ZeRO-3-like)
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer step on CPU
 
 
 @dataclass

@@ -8,10 +8,14 @@ from distft.strategy.ddp import DDPStrategy
 STRATEGIES = {"ddp": DDPStrategy}
 
 
-def build_strategy(name: str, *, device: torch.device, precision: str, find_unused_parameters: bool = False) -> Strategy:
+def build_strategy(name: str, *, device: torch.device, precision: str, micro_batch_size: int, grad_accum: int,
+                   options: dict) -> Strategy:
+    """`options` are the `strategy.*` config keys; each strategy takes the ones it understands."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{name}'; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](device=device, precision=precision, find_unused_parameters=find_unused_parameters)
+    options = {k: v for k, v in options.items() if k != "name"}
+    return STRATEGIES[name](device=device, precision=precision, micro_batch_size=micro_batch_size,
+                            grad_accum=grad_accum, **options)
 
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy"]

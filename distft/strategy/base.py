@@ -34,7 +34,11 @@ class Strategy(Protocol):
         """The wrapped model to call for training forwards."""
 
     def unwrap(self) -> torch.nn.Module:
-        """The Hugging Face / peft model, for evaluation and export."""
+        """The Hugging Face / peft module inside any wrapper (its parameters may be sharded)."""
+
+    def generation_context(self) -> AbstractContextManager[torch.nn.Module]:
+        """Yield a model each rank can call `generate` on independently (gathered weights where sharded).
+        Every rank enters and leaves it together."""
 
     def save(self, ckpt_dir: Path, rank: int) -> None:
         """Write this rank's part of the model, optimizer and scheduler state."""
@@ -42,4 +46,5 @@ class Strategy(Protocol):
     def load(self, ckpt_dir: Path, rank: int) -> None: ...
 
     def export(self, out_dir: Path, tokenizer, rank: int) -> None:
-        """Write a plain Hugging Face directory (full model or peft adapter) loadable without distft."""
+        """Write a plain Hugging Face directory (full model or peft adapter) loadable without distft.
+        Called on every rank (sharded strategies gather collectively); rank 0 writes."""

@@ -16,7 +16,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class DDPStrategy:
     name = "ddp"
 
-    def __init__(self, *, device: torch.device, precision: str = "fp32", find_unused_parameters: bool = False):
+    def __init__(self, *, device: torch.device, precision: str = "fp32", find_unused_parameters: bool = False,
+                 **_other_strategy_options):
         self.device = device
         self.precision = precision
         self.find_unused_parameters = find_unused_parameters
@@ -46,6 +47,10 @@ class DDPStrategy:
 
     def unwrap(self) -> torch.nn.Module:
         return self._module
+
+    @contextlib.contextmanager
+    def generation_context(self):
+        yield self._module  # a full replica: no communication needed
 
     def forward_context(self):
         if self.precision == "fp32":
