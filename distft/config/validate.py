@@ -30,7 +30,7 @@ def _get(cfg, dotted: str):
 
 def validate_config(cfg) -> None:
     """Raise ConfigError listing every inconsistency in the composed config."""
-    from distft.strategy import STRATEGIES
+    from distft.strategy import STRATEGIES, strategy_problems
 
     problems: list[str] = []
     choices = dict(CHOICES, **{"strategy.name": tuple(STRATEGIES)})
@@ -93,6 +93,9 @@ def validate_config(cfg) -> None:
         )
     if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
         problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
+    if cfg.strategy.name in STRATEGIES:
+        problems += strategy_problems(cfg.strategy.name, method=m.name, precision=t.precision, use_gpu=s.use_gpu,
+                                      options=dict(cfg.strategy))
     if problems:
         raise ConfigError(problems)
 

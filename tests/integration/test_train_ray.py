@@ -10,35 +10,13 @@ import pytest
 import torch
 
 from distft.tracking import read_metrics
-from distft.train import launch
-from tests.conftest import compose_cfg
+from tests.integration.conftest import curve, run_tiny
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = {"full": "gsm8k_full", "lora": "gsm8k_lora", "qlora": "gsm8k_qlora"}
-# Learning rates large enough that a tiny random model's eval loss visibly falls within a few steps.
-TEST_LR = {"full": 3e-3, "lora": 3e-2, "qlora": 3e-2}
-
-
-def run(tmp_path: Path, gsm8k_dir: Path, name: str, method: str = "lora", *overrides: str) -> dict:
-    cfg = compose_cfg([
-        f"+experiment={EXPERIMENT[method]}", "model=tiny_llama", "hardware=cpu",
-        f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",
-        "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2",
-        "trainer.warmup_steps=1", f"trainer.lr={TEST_LR[method]}", "trainer.progress_bar=false",
-        "eval.loss_examples=16", "eval.gsm8k_examples=4", "eval.max_new_tokens=8", "eval.at_start=true",
-        "scaling.num_workers=2", *overrides,
-    ])
-    return launch(cfg)
-
-
-def losses(run_dir: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
-
-
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, ray_cluster):
-    summary = run(tmp_path, gsm8k_dir, f"m-{method}", method)
+    summary = run_tiny(tmp_path, gsm8k_dir, f"m-{method}", method)
     assert summary["status"] == "completed", summary["error"]
     run_dir = Path(summary["run_dir"])
 
@@ -98,34 +76,34 @@ def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, r
 
 
 def test_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
-    clean = run(tmp_path, gsm8k_dir, "clean", "lora", "eval.enabled=false")
+    clean = run_tiny(tmp_path, gsm8k_dir, "clean", "lora", "eval.enabled=false")
     monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once after step 5 (last checkpoint: step 4)
-    faulty = run(tmp_path, gsm8k_dir, "faulty", "lora", "eval.enabled=false", "run.max_failures=1")
+    faulty = run_tiny(tmp_path, gsm8k_dir, "faulty", "lora", "eval.enabled=false", "run.max_failures=1")
     assert clean["status"] == faulty["status"] == "completed", faulty["error"]
     assert (Path(faulty["run_dir"]) / ".fault_injected_step5_rank1").exists()  # the fault really happened
     assert faulty["resumed_from"] is not None
-    assert losses(faulty["run_dir"]) == losses(clean["run_dir"])  # exact on CPU, keyed by step
+    assert curve(faulty["run_dir"]) == curve(clean["run_dir"])  # exact on CPU, keyed by step
 
 
 def test_rerunning_a_failed_run_resumes_instead_of_starting_over(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
-    clean = run(tmp_path, gsm8k_dir, "clean", "full", "eval.enabled=false")
+    clean = run_tiny(tmp_path, gsm8k_dir, "clean", "full", "eval.enabled=false")
     monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:0")
-    first = run(tmp_path, gsm8k_dir, "again", "full", "eval.enabled=false")  # max_failures=0: the run fails
+    first = run_tiny(tmp_path, gsm8k_dir, "again", "full", "eval.enabled=false")  # max_failures=0: the run fails
     assert first["status"] == "failed"
     monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
-    second = run(tmp_path, gsm8k_dir, "again", "full", "eval.enabled=false")  # same name and storage path
+    second = run_tiny(tmp_path, gsm8k_dir, "again", "full", "eval.enabled=false")  # same name and storage path
     assert second["status"] == "completed", second["error"]
     assert "checkpoint_000004" in second["resumed_from"]
-    assert losses(second["run_dir"]) == losses(clean["run_dir"])
+    assert curve(second["run_dir"]) == curve(clean["run_dir"])
 
 
 def test_micro_batch_times_accumulation_factorisations_agree(tmp_path, gsm8k_dir, ray_cluster):
     # global batch 8 rows over 2 workers: 1 x 4 accumulation vs 4 x 1 (loss normalised by answer tokens)
-    a = run(tmp_path, gsm8k_dir, "mb1", "full", "eval.enabled=false", "run.export=false",
+    a = run_tiny(tmp_path, gsm8k_dir, "mb1", "full", "eval.enabled=false", "run.export=false",
             "trainer.micro_batch_size=1", "trainer.global_batch_size=8", "trainer.max_steps=4")
-    b = run(tmp_path, gsm8k_dir, "mb4", "full", "eval.enabled=false", "run.export=false",
+    b = run_tiny(tmp_path, gsm8k_dir, "mb4", "full", "eval.enabled=false", "run.export=false",
             "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.max_steps=4")
-    la, lb = losses(a["run_dir"]), losses(b["run_dir"])
+    la, lb = curve(a["run_dir"]), curve(b["run_dir"])
     assert la.keys() == lb.keys() == {1, 2, 3, 4}
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5), step
@@ -133,7 +111,7 @@ def test_micro_batch_times_accumulation_factorisations_agree(tmp_path, gsm8k_dir
 
 def test_wandb_offline_writes_its_files_and_never_blocks(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    summary = run(tmp_path, gsm8k_dir, "wb", "lora", "logger=wandb", "eval.enabled=false", "run.export=false",
+    summary = run_tiny(tmp_path, gsm8k_dir, "wb", "lora", "logger=wandb", "eval.enabled=false", "run.export=false",
                   "trainer.max_steps=2")
     assert summary["status"] == "completed", summary["error"]
     offline = list((Path(summary["run_dir"]) / "wandb").glob("offline-run-*"))

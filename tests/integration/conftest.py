@@ -1,0 +1,51 @@
+"""Helpers for the slow tier: run the real command path on a tiny random Llama with 2 Ray CPU workers."""
+
+from pathlib import Path
+
+import pytest
+
+from distft.tracking import read_metrics
+from distft.train import launch
+from tests.conftest import compose_cfg
+
+EXPERIMENT = {"full": "gsm8k_full", "lora": "gsm8k_lora", "qlora": "gsm8k_qlora"}
+# Learning rates large enough that a tiny random model's eval loss visibly falls within a few steps.
+TEST_LR = {"full": 3e-3, "lora": 3e-2, "qlora": 3e-2}
+# Parity runs: 10 fp32 steps, no eval or export, so only the optimisation path is compared.
+PARITY = ("trainer.max_steps=10", "eval.enabled=false", "run.export=false", "trainer.checkpoint_every=100")
+
+
+def run_tiny(tmp_path: Path, gsm8k_dir: Path, name: str, method: str = "lora", *overrides: str) -> dict:
+    """`python -m distft.train +experiment=gsm8k_<method> model=tiny_llama hardware=cpu ...`, in-process."""
+    cfg = compose_cfg([
+        f"+experiment={EXPERIMENT[method]}", "model=tiny_llama", "hardware=cpu",
+        f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",
+        "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2",
+        "trainer.warmup_steps=1", f"trainer.lr={TEST_LR[method]}", "trainer.progress_bar=false",
+        "eval.loss_examples=16", "eval.gsm8k_examples=4", "eval.max_new_tokens=8", "eval.at_start=true",
+        "scaling.num_workers=2", *overrides,
+    ])
+    return launch(cfg)
+
+
+def curve(run_dir: str) -> dict[int, float]:
+    """Per-step training loss, keyed by step."""
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
+def assert_curves_close(actual: dict[int, float], expected: dict[int, float], rel: float = 1e-4) -> None:
+    assert actual.keys() == expected.keys()
+    for step in expected:
+        assert actual[step] == pytest.approx(expected[step], rel=rel), f"step {step}: {actual[step]} vs {expected[step]}"
+
+
+@pytest.fixture(scope="session")
+def ddp_parity_curves(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[str, dict[int, float]]:
+    """The DDP loss curves (full and LoRA) that every other strategy must reproduce."""
+    out = {}
+    root = tmp_path_factory.mktemp("ddp-parity")
+    for method in ("full", "lora"):
+        summary = run_tiny(root, gsm8k_dir, f"ddp-{method}", method, "strategy=ddp", *PARITY)
+        assert summary["status"] == "completed", summary["error"]
+        out[method] = curve(summary["run_dir"])
+    return out
