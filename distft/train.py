@@ -90,7 +90,16 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
+
+
+def quiet_local_workers() -> None:
+    """Local clusters run without the dashboard, so Ray Train's placement-group cleaner cannot reach the state
+    API and warns every few seconds; the warning is noise there (the driver cleans up on exit)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):

@@ -32,6 +32,7 @@ def ray_cluster():
     """One local Ray instance for the whole session (more logical CPUs than cores is fine for tests)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
     yield
     ray.shutdown()
