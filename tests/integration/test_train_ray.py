@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from distft.tracking import read_metrics
-from tests.integration.conftest import curve, run_tiny
+from tests.integration.conftest import assert_curves_close, curve, run_tiny
 
 pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, ray_cluster):
-    summary = run_tiny(tmp_path, gsm8k_dir, f"m-{method}", method)
+    extra = ["method.merge_on_export=true"] if method == "lora" else []
+    summary = run_tiny(tmp_path, gsm8k_dir, f"m-{method}", method, *extra)
     assert summary["status"] == "completed", summary["error"]
     run_dir = Path(summary["run_dir"])
 
@@ -74,6 +75,14 @@ def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, r
     # the tokenizer travels with the export
     assert (export / "tokenizer.json").exists()
 
+    if method == "lora":  # merged weights: a standalone model with the same function
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32).eval()
+        with torch.no_grad():
+            merged_logits = merged(input_ids=probe["input_ids"], use_cache=False).logits
+        assert torch.allclose(merged_logits, probe["logits"], atol=1e-4)
+
 
 def test_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
     clean = run_tiny(tmp_path, gsm8k_dir, "clean", "lora", "eval.enabled=false")
@@ -117,3 +126,11 @@ def test_wandb_offline_writes_its_files_and_never_blocks(tmp_path, gsm8k_dir, ra
     offline = list((Path(summary["run_dir"]) / "wandb").glob("offline-run-*"))
     assert offline, "no W&B offline run directory"
     assert list(offline[0].glob("*.wandb")), "no W&B event file"
+
+
+def test_gradient_checkpointing_does_not_change_the_math(tmp_path, gsm8k_dir, ray_cluster):
+    common = ("eval.enabled=false", "run.export=false", "trainer.max_steps=4")
+    plain = run_tiny(tmp_path, gsm8k_dir, "gc-off", "lora", *common)
+    checkpointed = run_tiny(tmp_path, gsm8k_dir, "gc-on", "lora", "trainer.gradient_checkpointing=true", *common)
+    assert plain["status"] == checkpointed["status"] == "completed", checkpointed["error"]
+    assert_curves_close(curve(checkpointed["run_dir"]), curve(plain["run_dir"]), rel=1e-6)
