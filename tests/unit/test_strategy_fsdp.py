@@ -1,0 +1,162 @@
+"""FSDP2 strategy pieces that need no Ray: config checks, layer discovery, tied weights, collective-free generation.
+
+The sharded tests run in this process on a one-rank gloo group: FSDP2 goes through its full DTensor and collective
+machinery with one rank, which is enough to check that weights stay tied, that an update equals the unsharded one,
+and which forwards communicate. Two-rank behaviour (parity with DDP, resume, export) is in the slow tier.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from distft.strategy import strategy_problems
+from distft.strategy.fsdp import FSDPStrategy, _prepare_4bit_layers, decoder_layers
+from tests.conftest import compose_cfg
+
+
+def _options(strategy: str, *overrides: str) -> dict:
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=cpu", f"strategy={strategy}", *overrides])
+    return dict(cfg.strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_offload"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_presets_have_no_problems(strategy, method):
+    assert strategy_problems(strategy, method=method, precision="fp32", use_gpu=False,
+                             options=_options(strategy)) == []
+    assert strategy_problems(strategy, method=method, precision="bf16", use_gpu=True,
+                             options=_options(strategy)) == []
+
+
+def test_options_of_other_strategies_are_reported_with_the_fsdp_alternative():
+    options = _options("fsdp", "strategy.offload_optimizer=true", "strategy.zero_stage=3",
+                       "strategy.find_unused_parameters=true")
+    problems = FSDPStrategy.config_problems(method="lora", precision="fp32", use_gpu=False, options=options)
+    assert len(problems) == 3
+    offload, = [p for p in problems if "offload_optimizer" in p]
+    assert "strategy.offload_optimizer=True" in offload and "strategy=fsdp" in offload
+    assert "strategy=fsdp_offload" in offload  # the working alternative
+    stage, = [p for p in problems if "zero_stage" in p]
+    assert "strategy.zero_stage=3" in stage and "strategy=zero1/zero2/zero3" in stage
+
+
+def test_qlora_stores_4bit_weights_in_the_compute_dtype():
+    assert FSDPStrategy.quant_storage("fp32") == "fp32"
+    assert FSDPStrategy.quant_storage("bf16") == "bf16"
+
+
+def _tiny_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+def test_decoder_layers_are_found_through_peft_wrappers():
+    from peft import LoraConfig, get_peft_model
+
+    assert len(decoder_layers(_tiny_llama(tied=False))) == 2
+    peft_model = get_peft_model(_tiny_llama(tied=False), LoraConfig(r=2, target_modules="all-linear"))
+    assert [type(m).__name__ for m in decoder_layers(peft_model)] == ["LlamaDecoderLayer"] * 2
+
+
+def test_4bit_layers_leave_the_cpu_repacking_kernel_and_mixed_precision_refuses_float_storage():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_storage=torch.float32, quant_type="nf4").to("cpu")
+    model = torch.nn.Sequential(layer)
+    _prepare_4bit_layers(model, param_dtype=None)  # fp32: fine
+    assert layer.support_avx512bf16_for_cpu is False
+    with pytest.raises(ValueError, match="method.quant_storage=bf16"):
+        _prepare_4bit_layers(model, param_dtype=torch.bfloat16)
+    uint8 = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4").to("cpu"))
+    _prepare_4bit_layers(uint8, param_dtype=torch.bfloat16)  # integer storage is not cast: fine
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _prepared(model, lr=1e-2) -> FSDPStrategy:
+    strategy = FSDPStrategy(device=torch.device("cpu"), precision="fp32", reshard_after_forward=True)
+    strategy.prepare(model, build_optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+                     build_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    return strategy
+
+
+def _train_step(model, step_fn, ids):
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return float(loss.detach()), step_fn()
+
+
+def test_tied_embeddings_stay_tied_train_like_unsharded_and_export(one_rank_group, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference = _tiny_llama(tied=True)
+    model = copy.deepcopy(reference)
+    strategy = _prepared(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # one parameter, sharded once
+
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        ref_loss, ref_norm = _train_step(reference, lambda: float(torch.nn.utils.clip_grad_norm_(
+            reference.parameters(), 1.0)), ids)
+        opt.step()
+        opt.zero_grad()
+        loss, norm = _train_step(model, lambda: strategy.step(1.0), ids)
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.allclose(model.lm_head.weight.full_tensor(), reference.lm_head.weight, atol=1e-6)
+
+    class _NoTokenizer:
+        def save_pretrained(self, out_dir):
+            pass
+
+    out = tmp_path / "export"
+    out.mkdir()
+    strategy.export(out, _NoTokenizer(), rank=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert reloaded.config.tie_word_embeddings and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert reloaded.config.architectures == ["LlamaForCausalLM"]  # not the FSDP wrapper class
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+
+
+def test_generation_context_yields_full_weights_and_restores_sharding(one_rank_group):
+    # One rank never communicates; the two-rank test in tests/integration counts the collectives.
+    model = _tiny_llama(tied=False)
+    strategy = _prepared(model)
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    layer = decoder_layers(model)[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with strategy.generation_context() as gen_model:
+            assert gen_model is model
+            assert not any(isinstance(p, DTensor) for p in model.parameters())  # gathered, plain tensors
+            assert not getattr(model, "_is_fsdp_managed_module", False)  # so `generate` does not sync ranks
+            out = gen_model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            logits = gen_model(input_ids=ids).logits
+    assert out.shape == (1, 13)
+    assert torch.equal(logits, expected)
+    assert model._is_fsdp_managed_module  # restored
+    assert all(isinstance(p, DTensor) for p in layer.parameters())  # resharded
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(isinstance(p, DTensor) for p in layer.parameters())  # layers still reshard after forward
+    assert strategy.step(1.0) > 0
