@@ -207,6 +207,12 @@ def load_model(
         raise _unreachable(model_dir, e) from e
     if quantization_config is None and device is not None:
         model.to(device)
+    if quantization_config is not None:
+        # bitsandbytes' AVX512-BF16 CPU kernel repacks 4-bit weights in place on the first no-grad forward and has
+        # no autograd kernel: training after an evaluation would lose gradients through the frozen layers.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
     return model
 

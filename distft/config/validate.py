@@ -96,6 +96,12 @@ def validate_config(cfg) -> None:
     if cfg.strategy.name in STRATEGIES:
         problems += strategy_problems(cfg.strategy.name, method=m.name, precision=t.precision, use_gpu=s.use_gpu,
                                       options=dict(cfg.strategy))
+    if cfg.strategy.name in ("fsdp", "fsdp_offload") and m.name == "qlora" and t.precision == "bf16" \
+            and m.quant_storage not in (None, "bf16"):
+        problems.append(
+            f"method.quant_storage={m.quant_storage} with strategy={cfg.strategy.name} and trainer.precision=bf16: "
+            "FSDP's bf16 mixed precision would cast the packed 4-bit weights and corrupt them; set "
+            "method.quant_storage=bf16 (or leave it null for uint8)")
     if problems:
         raise ConfigError(problems)
 

@@ -64,6 +64,8 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                # each rank generates on its own shard with gathered weights: never sync per token across ranks
+                synced_gpus=False,
             )
             texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
             for i, text in zip(rows, texts, strict=True):
