@@ -46,16 +46,26 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _prepare_once(out: Path, build) -> Path:
+    """Run `build(out)` once per machine (file lock; `_READY`, written last, marks a complete directory)."""
+    if (out / _READY).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / _READY).exists():
+            info = build(out)
+            (out / _READY).write_text(json.dumps(info))
+    return out
+
+
 def ensure_embedded_model() -> Path:
     """Convert the embedded GGUF once into a safetensors directory (fp32 weights, tokenizer, chat template)."""
     out = cache_dir() / "models" / EMBEDDED_NAME
     if (out / _READY).exists():
         return out
     gguf = embedded_gguf_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / _READY).exists():
-            return out
+
+    def build(out: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to %s (once per machine)", gguf.name, out)
@@ -68,8 +78,9 @@ def ensure_embedded_model() -> Path:
             del model.config.quantization_config
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        (out / _READY).write_text(json.dumps({"source": str(gguf)}))
-    return out
+        return {"source": str(gguf)}
+
+    return _prepare_once(out, build)
 
 
 def _load_tokenizer(source: str):
@@ -108,12 +119,8 @@ def ensure_random_model(
     )
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"random-llama-{key}"
-    if (out / _READY).exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / _READY).exists():
-            return out
+
+    def build(out: Path) -> dict:
         tok = _load_tokenizer(tokenizer)
         config = LlamaConfig(
             hidden_size=hidden_size,
@@ -129,11 +136,11 @@ def ensure_random_model(
             tie_word_embeddings=False,
         )
         torch.manual_seed(init_seed)
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(out, safe_serialization=True)
+        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
-        (out / _READY).write_text(json.dumps(shape))
-    return out
+        return shape
+
+    return _prepare_once(out, build)
 
 
 def resolve_model_dir(
