@@ -222,7 +222,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         dist.barrier()
         if rank == 0:
             export_info = verify_export(export_dir, probe=probe, trained_logits=trained_logits, method=method.name,
-                                        dtype=weights_dtype, quant_config=quant, device=device, run_dir=run_dir)
+                                        dtype=weights_dtype, quant_config=quant, device=device, run_dir=run_dir,
+                                        precision=precision)
             if method.merge_on_export and method.name != "full":
                 merge_adapter(model_dir, export_dir, export_dir / "merged", dtype=load_dtype("lora", compute_dtype))
         dist.barrier()
