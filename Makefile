@@ -29,7 +29,7 @@ run: $(STAMP)  ## fine-tune SmolLM2-135M with LoRA on GSM8K on 2 CPU Ray workers
 	$(BIN)/python -m distft.train +experiment=gsm8k_lora model=smollm2_135m hardware=cpu run.name=$(RUN_NAME)
 
 test: $(STAMP)  ## all CPU tests (unit + slow multi-worker Ray runs); GPU tests skip without a GPU
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -88,6 +88,7 @@ class HardwareConfig:
     name: str = MISSING
     accelerator: str = "cpu"  # cpu | cuda
     gpu_memory_gb: float = 0.0  # per GPU, for planning and error messages
+    gpu_hour_usd: Optional[float] = None  # price of one GPU-hour (worker-hour on CPU) for cost estimates; None: no cost
 
 
 @dataclass
