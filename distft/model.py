@@ -200,19 +200,32 @@ def load_model(
     device: torch.device | None = None,
     attn_implementation: str = "sdpa",
     revision: str | None = None,
+    empty: bool = False,
 ):
-    """Load a causal LM. With a bitsandbytes config the weights are quantised while loading onto `device`."""
+    """Load a causal LM. With a bitsandbytes config the weights are quantised while loading onto `device`.
+
+    `empty=True` builds the architecture on the meta device without reading any weights: a sharding strategy that
+    loads on rank 0 only fills it in later (see `Strategy.load_model`). transformers reads safetensors through mmap
+    and materialises each tensor once, so a normal load holds one copy of the weights, not two.
+    Loading never moves the global RNG: LoRA initialisation after it is the same whichever way the model was built.
+    """
     from transformers import AutoModelForCausalLM
 
+    if empty:
+        if quantization_config is not None:
+            raise ValueError("a 4-bit model cannot be built empty: bitsandbytes quantises while loading the weights")
+        return _empty_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, revision=revision)
     kwargs = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation, revision=revision)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device or torch.device("cpu")}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except OSError as e:
         raise _unreachable(model_dir, e) from e
-    if quantization_config is None and device is not None:
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed zero.Init placed them already
+    if quantization_config is None and device is not None and not partitioned:
         model.to(device)
     if quantization_config is not None:
         # bitsandbytes' AVX512-BF16 CPU kernel repacks 4-bit weights in place on the first no-grad forward and has
@@ -220,6 +233,24 @@ def load_model(
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    return model
+
+
+def _empty_model(model_dir: str, *, dtype: str, attn_implementation: str, revision: str | None):
+    """The model's architecture with every parameter and buffer on the meta device (no memory, no file reads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, revision=revision)
+    except OSError as e:
+        raise _unreachable(model_dir, e) from e
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype), attn_implementation=attn_implementation)
+    try:  # from_pretrained reads generation_config.json too; greedy evaluation must decode the same way on all ranks
+        model.generation_config = GenerationConfig.from_pretrained(model_dir, revision=revision)
+    except OSError:
+        pass
     model.config.use_cache = False
     return model
 
@@ -237,7 +268,7 @@ def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameters; 4-bit weights count as their logical number of elements."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter's numel() is 0
         if hasattr(p, "quant_state"):  # bitsandbytes packs two 4-bit values per byte
             n = p.quant_state.shape.numel() if hasattr(p.quant_state, "shape") else n * 2
         total += n

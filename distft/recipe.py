@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,9 +87,16 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         quant = quantization_config(quant_type=method.quant_type, double_quant=method.double_quant,
                                     compute_dtype=compute_dtype, quant_storage=method.quant_storage)
     weights_dtype = load_dtype(method.name, compute_dtype if quant else precision)
-    model = load_model(model_dir, dtype=weights_dtype,
-                       quantization_config=quant, device=device,
-                       attn_implementation=cfg.model.attn_implementation, revision=cfg.model.revision)
+    accum = trainer.global_batch_size // (trainer.micro_batch_size * world)
+    strategy = build_strategy(cfg.strategy.name, device=device, precision=precision,
+                              micro_batch_size=trainer.micro_batch_size, grad_accum=accum,
+                              options=OmegaConf.to_container(cfg.strategy, resolve=True))
+    # The strategy decides which ranks read the weights (sharded strategies: rank 0 only, see `load_model`).
+    model = strategy.load_model(partial(load_model, model_dir, dtype=weights_dtype,
+                                        quantization_config=quant, device=device,
+                                        attn_implementation=cfg.model.attn_implementation,
+                                        revision=cfg.model.revision),
+                                rank=rank, quantized=quant is not None)
     model = apply_method(model, name=method.name, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
                          lora_dropout=method.lora_dropout, target_modules=list(method.target_modules),
                          gradient_checkpointing=trainer.gradient_checkpointing)
@@ -100,7 +108,6 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
                        seq_len=cfg.data.seq_len, hub_id=cfg.data.hub_id, system_prompt=cfg.data.system_prompt)
     train_rows, data_stats = build_rows(split="train", packing=cfg.data.packing,
                                         limit=cfg.data.max_train_examples, **data_kwargs)
-    accum = trainer.global_batch_size // (trainer.micro_batch_size * world)
     batches = ShardedBatches(train_rows, micro_batch_size=trainer.micro_batch_size, rank=rank, world_size=world,
                              seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
     steps_per_epoch = len(batches) // accum
@@ -114,9 +121,6 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     # --- strategy, optimizer, schedule --------------------------------------------------------------------
     lr = trainer.lr if trainer.lr is not None else method.default_lr
     warmup = trainer.warmup_steps if trainer.warmup_steps is not None else math.ceil(trainer.warmup_ratio * max_steps)
-    strategy = build_strategy(cfg.strategy.name, device=device, precision=precision,
-                              micro_batch_size=trainer.micro_batch_size, grad_accum=accum,
-                              options=OmegaConf.to_container(cfg.strategy, resolve=True))
     strategy.prepare(
         model,
         build_optimizer=lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,

@@ -65,6 +65,9 @@ class StrategyConfig:
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged over ours
     reshard_after_forward: bool = True  # FSDP2: free gathered layers after forward (ZeRO-3-like)
     cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer step on CPU
+    # fsdp/zero3: only rank 0 reads the weights, the others start empty and receive their shards (None: on, except
+    # QLoRA, whose 4-bit weights are quantised while loading). ddp/zero1/zero2 need a full replica per worker.
+    rank0_load: Optional[bool] = None
 
 
 @dataclass

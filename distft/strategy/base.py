@@ -7,11 +7,17 @@ from typing import Callable, Protocol
 import torch
 
 OptimizerBuilder = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+# `load()` reads the base model's weights on this rank; `load(empty=True)` builds it on the meta device instead.
+ModelLoader = Callable[..., torch.nn.Module]
 SchedulerBuilder = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class Strategy(Protocol):
     name: str
+
+    def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
+        """Build this rank's copy of the base model before `prepare`. Replicating strategies call `load()` on every
+        rank; sharding strategies may read the weights on rank 0 only and hand them out in `prepare`."""
 
     def prepare(self, model: torch.nn.Module, build_optimizer: OptimizerBuilder, build_scheduler: SchedulerBuilder) -> None:
         """Wrap or shard `model` and build its optimizer and LR scheduler."""

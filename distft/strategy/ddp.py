@@ -8,7 +8,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from distft.strategy.base import OptimizerBuilder, SchedulerBuilder
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,6 +25,16 @@ class DDPStrategy:
         self._wrapped: torch.nn.Module | None = None
         self.optimizer = None
         self.scheduler = None
+
+    @staticmethod
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict) -> list[str]:
+        if options.get("rank0_load"):
+            return ["strategy.rank0_load=true: DDP keeps a full replica on every worker, so every worker loads the "
+                    "weights; use strategy=fsdp or strategy=zero3 to load on rank 0 only, or remove the option"]
+        return []
+
+    def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
+        return load()  # a full replica per worker by definition (read through mmap, one copy per process)
 
     def prepare(self, model, build_optimizer: OptimizerBuilder, build_scheduler: SchedulerBuilder) -> None:
         self._module = model

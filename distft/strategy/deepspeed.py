@@ -10,15 +10,21 @@ Three things the recipe relies on that DeepSpeed does differently by default:
   `sync_context(sync=True)` rather than DeepSpeed's own micro-step counter.
 - Gradient clipping is a `step(max_grad_norm)` argument, not a config key fixed at start-up.
 - ZeRO-3 parameters live partitioned across ranks, so export and generation gather them first (see below).
+
+Loading under ZeRO-3 (`rank0_load`, on by default except for QLoRA) uses transformers' own DeepSpeed integration:
+while an `HfDeepSpeedConfig` is alive, `from_pretrained` builds the model inside `deepspeed.zero.Init` (each
+parameter is partitioned as it is created) and reads the checkpoint on rank 0 only (the other ranks map it to meta
+tensors), then scatters it. ZeRO-1/2 keep whole weights on every rank, so every rank loads.
 """
 
 import contextlib
 import copy
+import logging
 from pathlib import Path
 
 import torch
 
-from distft.strategy.base import OptimizerBuilder, SchedulerBuilder
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
 
 TAG = "ds"  # checkpoint sub-directory; always passed explicitly so DeepSpeed's `latest` file is never needed
 # Keys the recipe owns: DeepSpeed's batch arithmetic must match trainer.* and the optimizer/schedule are built
@@ -33,6 +39,8 @@ RECIPE_KEYS = {
     "fp16": "trainer.precision",
     "bf16": "trainer.precision",
 }
+_QLORA_LOAD = ("transformers builds bitsandbytes 4-bit models without deepspeed.zero.Init; they are quantised "
+               "while each rank loads them")
 _GATHER_NUMEL = 2**27  # parameters gathered at once when consolidating ZeRO-3 weights (512 MiB in fp32)
 
 
@@ -84,7 +92,8 @@ class DeepSpeedStrategy:
 
     def __init__(self, *, device: torch.device, precision: str = "fp32", micro_batch_size: int = 1,
                  grad_accum: int = 1, zero_stage: int = 2, offload_optimizer: bool = False,
-                 offload_params: bool = False, deepspeed: dict | None = None, **_other_strategy_options):
+                 offload_params: bool = False, deepspeed: dict | None = None, rank0_load: bool | None = None,
+                 **_other_strategy_options):
         if zero_stage not in (1, 2, 3):
             raise ValueError(f"strategy.zero_stage={zero_stage}: DeepSpeed strategies use ZeRO stage 1, 2 or 3")
         if precision not in ("fp32", "bf16"):
@@ -97,8 +106,26 @@ class DeepSpeedStrategy:
                                    grad_accum=grad_accum, offload_optimizer=offload_optimizer,
                                    offload_params=offload_params, pin_memory=device.type == "cuda",
                                    extra=deepspeed)
+        self.rank0_load = rank0_load  # None: on for ZeRO-3 unless the model is 4-bit
         self._engine = None
         self._scheduler = None
+
+    def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
+        """ZeRO-3: partition while loading, weights read on rank 0 (transformers + deepspeed.zero.Init)."""
+        if self.zero_stage < 3 or self.rank0_load is False or quantized:
+            if quantized and self.zero_stage == 3:
+                logging.getLogger(__name__).info("ZeRO-3: every rank loads the 4-bit base (%s)", _QLORA_LOAD)
+            return load()
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # transformers keeps only a weak reference: the object must stay alive for the whole load, and is unset
+        # afterwards so later from_pretrained calls (export check, merge) load normally on one rank.
+        ds_config = HfDeepSpeedConfig(self.config)
+        try:
+            return load()
+        finally:
+            del ds_config
+            unset_hf_deepspeed_config()
 
     # --- setup --------------------------------------------------------------------------------------------
     def prepare(self, model, build_optimizer: OptimizerBuilder, build_scheduler: SchedulerBuilder) -> None:
@@ -246,6 +273,12 @@ class DeepSpeedStrategy:
         if options.get("offload_params") and stage != 3:
             problems.append(f"strategy.offload_params=true needs ZeRO stage 3 (strategy.zero_stage={stage}): only "
                             "ZeRO-3 partitions parameters; use strategy=zero3_offload")
+        if options.get("rank0_load") and stage != 3:
+            problems.append(f"strategy.rank0_load=true needs ZeRO stage 3 (strategy.zero_stage={stage}): ZeRO-1/2 keep "
+                            "whole weights on every rank, so every rank loads them; use strategy=zero3 or remove it")
+        elif options.get("rank0_load") and method == "qlora":
+            problems.append(f"strategy.rank0_load=true with method=qlora: {_QLORA_LOAD}; remove strategy.rank0_load "
+                            "or use method=lora")
         extra = _plain(options.get("deepspeed") or {})
         for key in sorted(set(extra) & set(RECIPE_KEYS)):
             problems.append(f"strategy.deepspeed.{key} is set by distft from {RECIPE_KEYS[key]}; set that instead "

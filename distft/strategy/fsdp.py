@@ -5,6 +5,11 @@ afterwards), the root module holds the rest (embeddings, final norm, LM head; ti
 uses live in the root unit). Gradients are reduce-scattered and averaged over workers, so the loss the recipe passes
 to `backward` is scaled exactly as for DDP.
 
+Loading (`rank0_load`, on by default except for QLoRA): rank 0 reads the weights, the other ranks build the model on
+the meta device; after `fully_shard` the meta ranks allocate only their shards and `set_model_state_dict(...,
+broadcast_from_rank0=True)` sends each tensor from rank 0, one at a time (the torchtitan/torchtune recipe). So only
+rank 0 ever holds the whole model, and the numbers are the same as when every rank loads (tested).
+
 Checkpoints use torch.distributed.checkpoint (DCP): every rank writes only its own shards (`__<rank>_0.distcp`) and
 rank 0 the `.metadata` index, so the ranks' directories merge into one checkpoint without name collisions.
 """
@@ -22,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -34,7 +40,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from distft.strategy.base import OptimizerBuilder, SchedulerBuilder
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,10 @@ class FSDPStrategy:
     name = "fsdp"
 
     def __init__(self, *, device: torch.device, precision: str = "fp32", reshard_after_forward: bool = True,
-                 cpu_offload: bool = False, **_other_strategy_options):
+                 cpu_offload: bool = False, rank0_load: bool | None = None, **_other_strategy_options):
         self.device = device
+        self.rank0_load = rank0_load  # None: on unless the model is 4-bit
+        self._broadcast_from_rank0 = False  # set by load_model: prepare must fill the other ranks' weights
         self.precision = precision
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
@@ -80,7 +88,28 @@ class FSDPStrategy:
                         else "remove it")
                 problems.append(f"strategy.{key}={value} has no effect with strategy={options.get('name', 'fsdp')} "
                                 f"(it is an option of another strategy); {hint}")
+        why = FSDPStrategy.rank0_load_problem(method)
+        if options.get("rank0_load") and why:
+            problems.append(f"strategy.rank0_load=true with method={method}: {why}; remove strategy.rank0_load (every "
+                            "rank then loads and quantises the 4-bit base, which is small) or use method=lora")
         return problems
+
+    def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
+        """Rank 0 reads the weights, the others build meta tensors; `prepare` broadcasts after sharding."""
+        self._broadcast_from_rank0 = self.rank0_load is not False and not quantized
+        if quantized and self.rank0_load is None:
+            log.info("FSDP: every rank loads the 4-bit base (%s)", self.rank0_load_problem("qlora"))
+        if self._broadcast_from_rank0 and rank != 0:
+            return load(empty=True)
+        return load()
+
+    @staticmethod
+    def rank0_load_problem(method: str) -> str | None:
+        """Why rank-0 loading cannot run with this method, or None."""
+        if method == "qlora":
+            return ("bitsandbytes quantises the weights while each rank loads them, and its packed 4-bit tensors "
+                    "and their quantisation state cannot be broadcast from rank 0 into meta tensors")
+        return None
 
     @staticmethod
     def quant_storage(compute_dtype: str) -> str:
@@ -106,6 +135,8 @@ class FSDPStrategy:
         elif self.precision != "fp32":
             raise ValueError(f"strategy=fsdp supports trainer.precision fp32 or bf16, not {self.precision}")
         _prepare_4bit_layers(model, param_dtype)
+        # Rank 0's full weights, kept until they are broadcast into everyone's shards (other ranks: meta tensors).
+        full_state = (model.state_dict() if dist.get_rank() == 0 else {}) if self._broadcast_from_rank0 else None
         self._layers = decoder_layers(model)
         if not self._layers:
             raise RuntimeError(f"strategy=fsdp found no '*DecoderLayer' modules in {type(model).__name__} to shard")
@@ -113,11 +144,30 @@ class FSDPStrategy:
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
         # The root (embeddings, norm, LM head) is needed again as soon as backward starts: keep it gathered.
         fully_shard(model, reshard_after_forward=False, **kwargs)
+        if full_state is not None:
+            self._fill_from_rank0(model, full_state)
+            del full_state
         self._module = model
         self.optimizer = build_optimizer(self.trainable_parameters())  # DTensor shards
         self.scheduler = build_scheduler(self.optimizer)
         log.info("FSDP2: %d decoder layers + root sharded over %d ranks (reshard_after_forward=%s, cpu_offload=%s)",
                  len(self._layers), dist.get_world_size(), self.reshard_after_forward, self.cpu_offload)
+
+    def _fill_from_rank0(self, model: torch.nn.Module, full_state: dict) -> None:
+        """Allocate meta ranks' shards, then send every tensor from rank 0 (collective: all ranks call this)."""
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            # Only the local shards are allocated: fully_shard already replaced each parameter by its DTensor shard.
+            model.to_empty(device="cpu" if self.cpu_offload else self.device)
+            if self.cpu_offload:
+                for module in model.modules():  # buffers stay on the compute device under CPU offload
+                    for name, buf in module._buffers.items():
+                        if buf is not None:
+                            module._buffers[name] = buf.to(self.device)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Non-persistent buffers (the rotary embedding's inv_freq) are in no state dict: rank 0 computed them.
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self._module.parameters() if p.requires_grad]
