@@ -49,3 +49,37 @@ def ddp_parity_curves(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[str, dic
         assert summary["status"] == "completed", summary["error"]
         out[method] = curve(summary["run_dir"])
     return out
+
+
+def reload_export_and_compare(run_dir: Path, export: Path, method: str, atol: float):
+    """Reload an export with plain transformers (full) or peft (LoRA/QLoRA), no distft code, and check it reproduces
+    the trained model's logits on the run's probe (`export_probe.pt`). Returns the reloaded model and the probe."""
+    import torch
+
+    probe = torch.load(run_dir / "export_probe.pt")
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        kwargs = {}
+        if method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32)
+        model = AutoPeftModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs)
+        # Training used bitsandbytes' dequantise-and-matmul kernel (distft.model.load_model turns the other one off);
+        # on CPUs with AVX512-BF16 an eval forward would otherwise switch to a repacked kernel with bf16 scales.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], use_cache=False).logits.float()
+    assert torch.allclose(logits, probe["logits"], atol=atol), (logits - probe["logits"]).abs().max()
+    assert (export / "tokenizer.json").exists()  # the tokenizer travels with the export
+    return model, probe

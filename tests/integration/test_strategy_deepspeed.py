@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.conftest import PARITY, assert_curves_close, curve, run_tiny
+from tests.integration.conftest import PARITY, assert_curves_close, curve, reload_export_and_compare, run_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -114,41 +114,19 @@ def test_export_reloads_with_plain_transformers_and_peft(strategy, method, tmp_p
     assert summary["eval"]["eval_loss"] < summary["eval_start"]["eval_loss"]  # trained weights were used
 
     run_dir, export = Path(summary["run_dir"]), Path(summary["export_dir"])
-    probe = torch.load(run_dir / "export_probe.pt")
+    model, _ = reload_export_and_compare(run_dir, export, method, atol=2e-3 if method == "qlora" else 1e-4)
     if method == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
         weights = load_file(str(export / "model.safetensors"))
         assert all(t.numel() > 0 for t in weights.values())
         # every parameter was gathered and written with its full shape (ZeRO-3 leaves empty shards behind)
         assert sum(t.numel() for t in weights.values()) == summary["total_params"]
     else:
-        from peft import AutoPeftModelForCausalLM
-
-        kwargs = {}
-        if method == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32)
-        model = AutoPeftModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs)
-        for module in model.modules():  # the 4-bit kernel training used (distft.model.load_model does the same)
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
         adapter = load_file(str(export / "adapter_model.safetensors"))
         lora_modules = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
         assert lora_modules and len(adapter) == 2 * len(lora_modules)
         assert all(t.numel() > 0 for t in adapter.values()), {k: t.shape for k, t in adapter.items()}
         assert sum(t.numel() for t in adapter.values()) == summary["trainable_params"]
         assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained, not the zero init
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], use_cache=False).logits.float()
-    atol = 2e-3 if method == "qlora" else 1e-4
-    assert torch.allclose(logits, probe["logits"], atol=atol), (logits - probe["logits"]).abs().max()
-    assert (export / "tokenizer.json").exists()
 
 
 def _generate_unevenly(rank: int, port: int, model_dir: str, out_dir: str) -> None:

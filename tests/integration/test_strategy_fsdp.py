@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distft.recipe import FAULT_ENV
-from tests.integration.conftest import PARITY, assert_curves_close, curve, run_tiny
+from tests.integration.conftest import PARITY, assert_curves_close, curve, reload_export_and_compare, run_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -83,18 +83,13 @@ def test_fsdp_trains_evaluates_and_exports_a_plain_hf_directory(method, override
     assert on_disk["eval"]["num_examples"] == 4 and on_disk["eval_start"]["num_examples"] == 4
     assert on_disk["eval"]["eval_loss"] < on_disk["eval_start"]["eval_loss"] - 0.05
 
-    probe = torch.load(run_dir / "export_probe.pt")
     export = Path(on_disk["export_dir"])
-    assert (export / "tokenizer.json").exists()
+    model, _ = reload_export_and_compare(run_dir, export, method, atol=1e-3 if method == "qlora" else 1e-4)
     if method == "full":
-        from transformers import AutoModelForCausalLM
-
         assert not (export / "adapter_config.json").exists()
         assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
         assert sum(p.numel() for p in model.parameters()) == on_disk["total_params"]
     else:
-        from peft import AutoPeftModelForCausalLM
         from safetensors.torch import load_file
 
         adapter = load_file(export / "adapter_model.safetensors")
@@ -102,25 +97,6 @@ def test_fsdp_trains_evaluates_and_exports_a_plain_hf_directory(method, override
         assert all(t.numel() > 0 for t in adapter.values())  # real gathered weights, not empty shards
         assert sum(t.numel() for t in adapter.values()) == on_disk["trainable_params"]
         assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained (B starts at zero)
-        kwargs = {}
-        if method == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32)
-        model = AutoPeftModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs)
-        if method == "qlora":
-            # Training (and the FSDP strategy) use bitsandbytes' dequantise-and-matmul kernel; on CPUs with
-            # AVX512-BF16 an eval forward would otherwise switch to a repacked kernel with bf16 scales (~4e-3 off).
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], use_cache=False).logits.float()
-    atol = 1e-3 if method == "qlora" else 1e-4
-    assert torch.allclose(logits, probe["logits"], atol=atol), (logits - probe["logits"]).abs().max()
 
 
 def test_fsdp_generation_with_a_different_number_of_generate_calls_per_rank_completes(tmp_path, gsm8k_dir,

@@ -7,7 +7,6 @@ to keep the cost to one process start-up.
 
 import os
 import random
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -125,17 +124,3 @@ def test_rank0_load_trains_the_same_model_as_loading_everywhere(strategy, method
     # both ranks compute the same logits of the same (sharded) model
     assert torch.equal(results[0][f"{strategy}-{method}-True"]["logits"], results[1][f"{strategy}-{method}-True"]["logits"])
 
-
-def test_rank0_load_is_refused_where_it_cannot_work():
-    from distft.strategy import strategy_problems
-
-    def problems(name, method, **options):
-        return strategy_problems(name, method=method, precision="fp32", use_gpu=False,
-                                 options={"name": name, "rank0_load": True, **options})
-
-    assert problems("fsdp", "lora") == [] and problems("zero3", "full", zero_stage=3) == []
-    assert "full replica" in problems("ddp", "full")[0]
-    assert "ZeRO stage 3" in problems("zero2", "full", zero_stage=2)[0]
-    for name, extra in (("fsdp", {}), ("zero3", {"zero_stage": 3})):
-        (problem,) = problems(name, "qlora", **extra)
-        assert "method=qlora" in problem and "remove strategy.rank0_load" in problem

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distft.tracking import read_metrics
-from tests.integration.conftest import assert_curves_close, curve, run_tiny
+from tests.integration.conftest import assert_curves_close, curve, reload_export_and_compare, run_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -48,32 +48,13 @@ def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, r
     assert on_disk["export_check"]["ok"]
 
     # the export loads with plain transformers/peft and reproduces the trained model's logits
-    probe = torch.load(run_dir / "export_probe.pt")
     export = Path(on_disk["export_dir"])
     if method == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
         assert not (export / "adapter_config.json").exists()
     else:
-        from peft import AutoPeftModelForCausalLM
-
         assert (export / "adapter_model.safetensors").exists()
-        kwargs = {}
-        if method == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32)
-        model = AutoPeftModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs)
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], use_cache=False).logits.float()
     atol = 2e-3 if method == "qlora" else 1e-4  # 4-bit inference kernels differ slightly from the training path
-    assert torch.allclose(logits, probe["logits"], atol=atol), (logits - probe["logits"]).abs().max()
-    # the tokenizer travels with the export
-    assert (export / "tokenizer.json").exists()
+    _, probe = reload_export_and_compare(run_dir, export, method, atol=atol)
 
     if method == "lora":  # merged weights: a standalone model with the same function
         from transformers import AutoModelForCausalLM

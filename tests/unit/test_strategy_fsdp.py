@@ -160,3 +160,37 @@ def test_generation_context_yields_full_weights_and_restores_sharding(one_rank_g
     loss.backward()
     assert all(isinstance(p, DTensor) for p in layer.parameters())  # layers still reshard after forward
     assert strategy.step(1.0) > 0
+
+
+def test_rank0_load_is_refused_where_it_cannot_work():
+    def problems(name, method, **options):
+        return strategy_problems(name, method=method, precision="fp32", use_gpu=False,
+                                 options={"name": name, "rank0_load": True, **options})
+
+    assert problems("fsdp", "lora") == [] and problems("zero3", "full", zero_stage=3) == []
+    assert "full replica" in problems("ddp", "full")[0]
+    assert "ZeRO stage 3" in problems("zero2", "full", zero_stage=2)[0]
+    for name, extra in (("fsdp", {}), ("zero3", {"zero_stage": 3})):
+        (problem,) = problems(name, "qlora", **extra)
+        assert "method=qlora" in problem and "remove strategy.rank0_load" in problem
+
+
+def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the_rng_alone():
+    from omegaconf import OmegaConf
+
+    from distft.model import load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
+    torch.manual_seed(0)
+    empty = load_model(model_dir, empty=True)
+    after_empty = torch.rand(1)
+    torch.manual_seed(0)
+    full = load_model(model_dir)
+    assert torch.equal(torch.rand(1), after_empty)  # LoRA init after loading is the same either way
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in full.named_parameters()]
+    assert empty.generation_config.to_dict() == full.generation_config.to_dict()  # same greedy decoding
+    assert empty.config.use_cache is False
+    with pytest.raises(ValueError, match="4-bit"):
+        load_model(model_dir, empty=True, quantization_config=object())
