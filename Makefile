@@ -42,8 +42,8 @@ bench: $(STAMP)  ## framework overhead vs a plain PyTorch loop, and padding shar
 
 .PHONY: bench-memory
 bench-memory: $(STAMP)  ## per-worker memory of ddp/zero2/zero3/fsdp (+offload) on SmolLM2-135M, and at load (CPU)
-	flock /tmp/distft-heavy.lock $(BIN)/python bench/bench_memory.py --out docs/results/memory_cpu.json
-	flock /tmp/distft-heavy.lock $(BIN)/python bench/bench_memory.py --load --out docs/results/memory_load_cpu.json
+	$(BIN)/python bench/bench_memory.py --out docs/results/memory_cpu.json
+	$(BIN)/python bench/bench_memory.py --load --out docs/results/memory_load_cpu.json
 
 clean:  ## remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs multirun
