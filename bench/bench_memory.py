@@ -133,10 +133,14 @@ def held_bytes(strategy) -> dict[str, int]:
                 add("grads", _tensors_in(value))
     if isinstance(torch_opt, torch.optim.Optimizer):
         add("optimizer_state", [t for state in torch_opt.state.values() for t in _tensors_in(state)])
+    detail = {}
     if zero_opt is not None:
         for name, value in vars(zero_opt).items():
             if name not in ("module", "optimizer") and "grad" not in name.lower():
+                before = out["other_zero_buffers"]
                 add("other_zero_buffers", _tensors_in(value))
+                if out["other_zero_buffers"] > before:
+                    detail[name] = out["other_zero_buffers"] - before
     out["model_grads_optimizer"] = sum(v for k, v in out.items() if k != "comm_buckets")
     # Cross-check: every tensor storage the garbage collector can reach in this process.
     all_seen: set[tuple[int, int]] = set()
@@ -146,17 +150,18 @@ def held_bytes(strategy) -> dict[str, int]:
             if key:
                 all_seen.add(key)
     out["all_live_tensors"] = sum(n for _, n in all_seen)
+    out["other_zero_buffers_by_attribute"] = detail
     return out
 
 
-def compose(strategy: str, rank0_load: bool | None):
+def compose(strategy: str, rank0_load: bool | None, model: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from distft.config import register_configs
 
     register_configs()
-    overrides = ["+experiment=gsm8k_full", "model=smollm2_135m", "hardware=cpu", f"strategy={strategy}",
+    overrides = ["+experiment=gsm8k_full", f"model={model}", "hardware=cpu", f"strategy={strategy}",
                  "scaling.num_workers=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=2"]
     if rank0_load is not None:
         overrides.append(f"strategy.rank0_load={str(rank0_load).lower()}")
@@ -178,7 +183,7 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = compose(case["strategy"], case["rank0_load"])
+    cfg = compose(case["strategy"], case["rank0_load"], case["model"])
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     strategy_module = sys.modules[strategy_class(cfg.strategy.name).__module__]
@@ -209,7 +214,7 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
     result = {"rank": rank, "case": case, "total_params": total_params, "load_seconds": load_seconds,
               "baseline": base}
     if not case["load_only"]:
-        ids = torch.randint(0, 49152, (1, case["seq_len"]), generator=torch.Generator().manual_seed(rank))
+        ids = torch.randint(0, model.config.vocab_size, (1, case["seq_len"]), generator=torch.Generator().manual_seed(rank))
 
         def forward_backward():
             with strategy.sync_context(sync=True):
@@ -271,6 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", default=",".join(TRAIN_STRATEGIES))
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", default="smollm2_135m", help="conf/model preset (tiny_llama for a smoke test)")
     parser.add_argument("--load", action="store_true", help="host memory at load, rank0_load off vs on")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--report", type=Path, help="print the tables of a recorded run and exit")
@@ -280,8 +286,9 @@ def main() -> None:
         return
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:])
     res = {"command": command, "machine": machine(), "mode": "load" if args.load else "train", "runs": []}
-    cases = ([{"strategy": s, "rank0_load": r, "load_only": True, "seq_len": 0} for s, r in LOAD_CASES] if args.load
-             else [{"strategy": s, "rank0_load": None, "load_only": False, "seq_len": args.seq_len}
+    cases = ([{"strategy": s, "rank0_load": r, "load_only": True, "seq_len": 0, "model": args.model}
+              for s, r in LOAD_CASES] if args.load
+             else [{"strategy": s, "rank0_load": None, "load_only": False, "seq_len": args.seq_len, "model": args.model}
                    for s in args.strategies.split(",")])
     for case in cases:
         t0 = time.time()
