@@ -99,9 +99,11 @@ class FSDPStrategy:
         self._broadcast_from_rank0 = self.rank0_load is not False and not quantized
         if quantized and self.rank0_load is None:
             log.info("FSDP: every rank loads the 4-bit base (%s)", self.rank0_load_problem("qlora"))
-        if self._broadcast_from_rank0 and rank != 0:
-            return load(empty=True)
-        return load()
+        if not self._broadcast_from_rank0:
+            return load()
+        # Rank 0 keeps its full copy in host memory (a 70B model fits no accelerator); `fully_shard` moves only
+        # each rank's shards to the device, and the broadcast sends one tensor at a time.
+        return load(empty=True) if rank != 0 else load(device=torch.device("cpu"))
 
     @staticmethod
     def rank0_load_problem(method: str) -> str | None:
