@@ -19,6 +19,9 @@ DQ_BLOCK = 256  # double quantisation: the absmax values are quantised to 8 bits
 # Activation elements saved per token and decoder layer (see docs/planner.md; measured with saved-tensor hooks on
 # transformers' LlamaDecoderLayer with sdpa attention, exact to 0.1% for SmolLM2's shape).
 MASK_BYTES_PER_POSITION_PAIR = 10  # packed rows: sdpa keeps a float copy of the block-diagonal mask per layer
+# LoRA dropout: per dropped-out input element, beyond the element itself (the bool mask and what autograd keeps
+# with it); measured with saved-tensor hooks, 1.85 for SmolLM2's shape and for a 128-wide probe alike.
+DROPOUT_MASK_BYTES = 1.85
 HEAD_EXTRA_BYTES = 12  # per logit: fp32 copy for the loss, log-softmax output, and their gradients at backward
 # Prompt length assumed for the generation KV cache (GSM8K questions with the chat template are under 256 tokens).
 PROMPT_TOKENS = 256
@@ -142,8 +145,9 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
             grads = trainable * grad_bytes
         elif zero_stage == 2:
             grads = trainable * 4 // world
-        else:  # partitioned gradients in the module dtype; bf16 adds their fp32 copy for the optimizer step
-            grads = trainable * grad_bytes // world + (trainable * 4 // world if grad_bytes == 2 else 0)
+        else:  # partitioned gradients in the module dtype (the fp32 copy for the step is made per sub-group,
+            # after the activations are gone)
+            grads = trainable * grad_bytes // world
         buffers = reduce_bucket
         if zero_stage == 3:
             biggest = max(shape.layer_params(), shape.embedding_params())
@@ -221,7 +225,7 @@ def activation_bytes(shape: ModelShape, *, method: str, micro_batch_size: int, s
     Per token and decoder layer, transformers' LlamaDecoderLayer with sdpa saves 8d + 2·kv + 4·ff elements when
     its weights train (the two RMSNorms 3d each counted as 2d + the normalised output, q/k/v/o inputs and outputs,
     the SwiGLU's gate, up, SiLU and product); with frozen weights the norms keep 2d less. LoRA adds the r-sized
-    A outputs and, with dropout, each targeted layer's dropped-out input and its mask (1 byte).
+    A outputs and, with dropout, each targeted layer's dropped-out input and its mask.
     """
     d, kv, ff, L = shape.hidden, shape.kv_dim, shape.intermediate, shape.layers
     tokens = micro_batch_size * seq_len
@@ -231,7 +235,7 @@ def activation_bytes(shape: ModelShape, *, method: str, micro_batch_size: int, s
         targets = shape.layer_lora_targets(list(target_modules))
         per_token = (6 * d + 2 * kv + 4 * ff + lora_r * len(targets)) * act_bytes
         if lora_dropout > 0:
-            per_token += sum(i for i, _ in targets) * (act_bytes + 1)
+            per_token += int(sum(i for i, _ in targets) * (act_bytes + DROPOUT_MASK_BYTES))
     mask = MASK_BYTES_PER_POSITION_PAIR * micro_batch_size * seq_len**2 if packing else 0
     layer = tokens * per_token + mask
     head = tokens * shape.vocab * (act_bytes + HEAD_EXTRA_BYTES)
