@@ -68,8 +68,11 @@ def _strategy_options(cfg) -> dict:
                 cpu_offload=s.cpu_offload, zero_config=zero)
 
 
-def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None = None) -> Plan:
-    """Predict memory, fit and throughput for a composed training config."""
+def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None = None,
+                measured_flops_per_token: float | None = None) -> Plan:
+    """Predict memory, fit and throughput for a composed training config. A measured hardware.tokens_per_second
+    belongs to the configured settings; for other settings pass that config's FLOPs per token
+    (`measured_flops_per_token`) and the rate is scaled by the FLOPs ratio."""
     shape = shape or model_shape(cfg.model, model_dir)
     t, m, hw = cfg.trainer, cfg.method, cfg.hardware
     world = cfg.scaling.num_workers
@@ -94,7 +97,7 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
         fits = mem.host_per_node_load <= hw.host_memory_gb * GiB
     fpt = flops_per_token(shape, method=m.name, seq_len=cfg.data.seq_len,
                           gradient_checkpointing=t.gradient_checkpointing, lora_params=mem.lora_params)
-    tps, source = _tokens_per_second(cfg, fpt, world, mem)
+    tps, source = _tokens_per_second(cfg, fpt, world, mem, measured_flops_per_token or fpt)
     return Plan(shape=shape, memory=mem, accelerator=accelerator, world=world, capacity_bytes=capacity,
                 need_bytes=need, fits=fits, flops_per_token=fpt, tokens_per_second=tps, throughput_source=source,
                 settings={"model": cfg.model.name, "method": m.name, "strategy": cfg.strategy.name,
@@ -102,10 +105,11 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
                           "gradient_checkpointing": t.gradient_checkpointing, "precision": t.precision})
 
 
-def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan) -> tuple[float | None, str]:
+def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan, measured_fpt: float) -> tuple[float | None, str]:
     hw, s, t = cfg.hardware, cfg.strategy, cfg.trainer
     if hw.tokens_per_second:
-        return float(hw.tokens_per_second), "measured (hardware.tokens_per_second)"
+        scaled = " scaled by FLOPs per token" if measured_fpt != fpt else ""
+        return float(hw.tokens_per_second) * measured_fpt / fpt, f"measured (hardware.tokens_per_second){scaled}"
     if not hw.peak_tflops:
         return None, "no estimate: set hardware.peak_tflops (and hardware.mfu) or hardware.tokens_per_second"
     compute = world * hw.mfu * hw.peak_tflops * 1e12 / fpt
@@ -158,6 +162,7 @@ def alternatives(cfg, *, shape: ModelShape | None = None, top: int = 5) -> list[
     from distft.strategy import STRATEGIES
 
     shape = shape or model_shape(cfg.model)
+    reference = plan_config(cfg, shape=shape).flops_per_token
     per_worker = cfg.trainer.global_batch_size // cfg.scaling.num_workers
     micro_sizes = [mb for mb in (1, 2, 4, 8, 16, 32) if per_worker % mb == 0] or [cfg.trainer.global_batch_size]
     methods = ["full", "lora", "qlora"] if cfg.model.supports_4bit else ["full", "lora"]
@@ -177,7 +182,7 @@ def alternatives(cfg, *, shape: ModelShape | None = None, top: int = 5) -> list[
                         validate_config(alt)
                     except ConfigError:
                         continue
-                    plan = plan_config(alt, shape=shape)
+                    plan = plan_config(alt, shape=shape, measured_flops_per_token=reference)
                     if plan.fits is False:
                         continue
                     overrides = [f"strategy={strategy}", f"method={method}", f"trainer.micro_batch_size={mb}",
