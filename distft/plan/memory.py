@@ -129,6 +129,9 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
         layer_trainable = layer if method == "full" else lora // max(shape.layers, 1)
         buffers = int(2 * layer * gathered_dtype + shape.root_params() * (pb if method == "full" else per_param)
                       + layer_trainable * 4)
+        notes.append(f"FSDP: all-gather of one decoder layer {layer * gathered_dtype / GiB:.3f} GiB (x2 with the "
+                     f"prefetched next layer); the root (embeddings, norm, LM head) stays gathered: "
+                     f"{shape.root_params() * (pb if method == 'full' else per_param) / GiB:.3f} GiB")
         if cpu_offload:
             host_offloaded += grads + optimizer
             grads = optimizer = 0
@@ -149,10 +152,16 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
             # after the activations are gone)
             grads = trainable * grad_bytes // world
         buffers = reduce_bucket
+        notes.append(f"DeepSpeed: reduce_bucket_size {zc['reduce_bucket_size']:.3g} elements, allocated whole: "
+                     f"{reduce_bucket / GiB:.2f} GiB (strategy.deepspeed={{zero_optimization:{{reduce_bucket_size:N}}}} "
+                     "to shrink it)")
         if zero_stage == 3:
             biggest = max(shape.layer_params(), shape.embedding_params())
             live = min(zc["stage3_max_live_parameters"], 2 * biggest, biggest + zc["stage3_prefetch_bucket_size"])
             buffers += int(live * per_param)  # gathered layer(s) during forward/backward
+            notes.append(f"ZeRO-3: gathered working set {live * per_param / GiB:.3f} GiB (prefetch bucket "
+                         f"{zc['stage3_prefetch_bucket_size']:.3g}, max live {zc['stage3_max_live_parameters']:.3g} "
+                         f"elements); persistent (unpartitioned) parameters {persistent / GiB:.3f} GiB")
         if offload_optimizer:
             host_offloaded += optimizer + trainable * 4 // world
             optimizer = 0
@@ -199,6 +208,9 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
         prefill = eval_batch_size * min(PROMPT_TOKENS, seq_len) * (2 * shape.intermediate + 4 * shape.hidden) * pb
         eval_loss = micro_batch_size * seq_len * shape.vocab * (pb + 8)
         eval_peak = steady + max(gathered + kv + prefill + eval_batch_size * shape.vocab * 8, eval_loss)
+        notes.append(f"generation: KV cache {kv / GiB:.2f} GiB for eval.batch_size={eval_batch_size} x "
+                     f"({min(PROMPT_TOKENS, seq_len)} prompt + {max_new_tokens} new tokens)"
+                     + (f"; gathered full weights {gathered / GiB:.2f} GiB" if gathered else ""))
         phases["eval"] = {"rank0": eval_peak, "other": eval_peak}
 
     # --- checkpoint save: DDP's rank 0 writes the trainable weights with safetensors, which first serialises them

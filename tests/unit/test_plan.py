@@ -7,7 +7,7 @@ import torch
 
 from distft.plan import alternatives, plan_config, predict_run
 from distft.plan.__main__ import main as plan_main
-from distft.plan.memory import GiB, ZERO_DEFAULTS, activation_bytes, qlora_bytes_per_param
+from distft.plan.memory import ZERO_DEFAULTS, GiB, activation_bytes, qlora_bytes_per_param
 from distft.plan.shapes import SHAPES, ModelShape, model_shape
 from distft.plan.throughput import flops_per_token, matmul_params
 from tests.conftest import compose_cfg
