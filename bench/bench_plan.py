@@ -118,9 +118,10 @@ def report(path: Path) -> str:
             lines.append(f"| {model} | {strategy} | {method} | – | failed: {run['error']} | – | – | – | – |")
             continue
         plan = plan_config(compose_cfg(run["overrides"]))
-        pred = plan.peak_bytes
         measured = run["peak_memory_bytes_per_worker"]
-        ratios = [m / pred for m in measured]
+        preds = [plan.memory.peak_for("rank0" if rank == 0 else "other") for rank in range(len(measured))]
+        pred = max(preds)
+        ratios = [m / p for m, p in zip(measured, preds, strict=True)]
         worst = max(worst, *(abs(r - 1) for r in ratios))
         c = plan.train
         states = c["weights"] + c["gradients"] + c["optimizer"] + c.get("lora", 0)
