@@ -70,9 +70,8 @@ class ModelShape:
 
     def layer_lora_targets(self, target_modules: list[str] | str) -> list[tuple[int, int]]:
         """(in, out) of the linear layers LoRA wraps in one decoder layer."""
-        per_layer = [t for t in self.lora_targets(target_modules)][: len(self.lora_targets(target_modules))
-                                                                     // max(self.layers, 1)]
-        return per_layer
+        targets = self.lora_targets(target_modules)  # layer by layer, then lm_head if targeted
+        return targets[: len(targets) // max(self.layers, 1)]
 
     def lora_targets(self, target_modules: list[str] | str) -> list[tuple[int, int]]:
         """(in, out) of every linear layer LoRA wraps. peft's "all-linear" is every linear layer except the LM head."""
