@@ -46,7 +46,8 @@ def train_worker(config: dict) -> None:
         if ckpt_path is not None:
             resume_dir = Path(ckpt_path)
         run_training(cfg, run_dir=Path(config["run_dir"]), model_dir=config["model_dir"], rank=rank,
-                     world=world, device=device, resume_dir=resume_dir, report=_ray_report)
+                     world=world, device=device, resume_dir=resume_dir, report=_ray_report,
+                     plan=config.get("plan"))
 
 
 def _ray_report(metrics: dict, ckpt_dir: Path, step: int) -> None:
@@ -71,13 +72,15 @@ def load_dtype(method: str, precision: str) -> str:
 
 
 def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, device: torch.device,
-                 resume_dir: Path | None, report) -> dict:
+                 resume_dir: Path | None, report, plan: dict | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     trainer, method = cfg.trainer, cfg.method
     precision = trainer.precision
     compute_dtype = method.compute_dtype or precision
+    preflight = bool(cfg.get("preflight", False))  # one step, save, reload, report memory, stop
+    memory_at_start = current_memory_bytes(device)  # the runtime before any model: the planner's CPU baseline
 
     # --- model and method ---------------------------------------------------------------------------------
     torch.manual_seed(trainer.seed)  # identical LoRA init on every rank
@@ -209,10 +212,19 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-        if step % trainer.checkpoint_every == 0 or step == max_steps:
+        if step % trainer.checkpoint_every == 0 or step == max_steps or preflight:
             _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, {"loss": loss})
+        if preflight:
+            break
     if bar:
         bar.close()
+
+    if preflight:
+        if bar:
+            bar.close()
+        return _preflight_reload(strategy, run_dir=run_dir, rank=rank, world=world, step=step, device=device,
+                                 memory_at_start=memory_at_start, loss=loss, trainable_params=trainable_params,
+                                 total_params=total_params)
 
     # --- evaluate and export ------------------------------------------------------------------------------
     eval_end = evaluate_now() if cfg.eval.enabled else None
@@ -233,6 +245,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         dist.barrier()
 
     peak = dist.all_reduce(dist.peak_memory_bytes(device), device, op="max")
+    peaks = dist.all_gather_objects(int(dist.peak_memory_bytes(device)))
+    starts = dist.all_gather_objects(memory_at_start)
     result = {
         "steps": step,
         "max_steps": max_steps,
@@ -241,6 +255,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         "lr": lr,
         "tokens_per_second": steady_throughput(step_tokens, step_times),
         "peak_memory_bytes": int(peak),
+        "peak_memory_bytes_per_worker": peaks,
+        "memory_at_start_bytes_per_worker": starts,
         "trainable_params": trainable_params,
         "total_params": total_params,
         "data": data_stats,
@@ -254,8 +270,65 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         _write_json(run_dir / "train_result.json", result)
         if wandb:
             wandb.summary({k: v for k, v in (eval_end or {}).items() if isinstance(v, (int, float))})
+            if plan:  # the planner's prediction next to what was measured, so every run checks the planner
+                wandb.summary({"plan/predicted_peak_bytes": plan.get("peak_bytes"),
+                               "plan/measured_peak_bytes": int(peak), "plan/fits": plan.get("fits")})
             wandb.finish()
     return result
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA bytes allocated, or the resident set of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _preflight_reload(strategy, *, run_dir: Path, rank: int, world: int, step: int, device: torch.device,
+                      memory_at_start: int, loss: float, trainable_params: int, total_params: int) -> dict:
+    """Preflight's second half: reload the checkpoint step 1 just saved (from the run's storage, as a restart
+    would) into the strategy, check the trainable weights survived the round trip, and report memory per worker."""
+    dist.barrier()  # every rank has returned from report: all its files are in storage
+    ckpt_dir = run_dir / f"checkpoint_{step:06d}"
+    deadline = time.time() + 120
+    while check_checkpoint(ckpt_dir) and time.time() < deadline:
+        time.sleep(1)
+    before = _trainable_checksum(strategy, device)
+    with torch.no_grad():  # a reload must overwrite the weights: disturb them first
+        for p in strategy.unwrap().parameters():
+            if p.requires_grad:
+                _local_tensor(p).add_(1.0)
+    load_checkpoint(ckpt_dir, strategy=strategy, rank=rank, world_size=world)
+    after = _trainable_checksum(strategy, device)
+    peaks = dist.all_gather_objects(int(dist.peak_memory_bytes(device)))
+    result = {
+        "steps": step, "preflight": True, "train_loss_first_step": loss,
+        "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_worker": peaks,
+        "memory_at_start_bytes_per_worker": dist.all_gather_objects(memory_at_start),
+        "trainable_params": trainable_params, "total_params": total_params,
+        "checkpoint": str(ckpt_dir), "reloaded": True,
+        "reload_checksum": {"saved": before, "reloaded": after, "equal": before == after},
+    }
+    if rank == 0:
+        _write_json(run_dir / "train_result.json", result)
+    return result
+
+
+def _trainable_checksum(strategy, device: torch.device) -> float:
+    """Sum of squares of every rank's local trainable weights (shards under ZeRO-3/FSDP), summed over ranks."""
+    total = 0.0
+    for p in strategy.unwrap().parameters():
+        if p.requires_grad:
+            total += float(_local_tensor(p).detach().double().pow(2).sum())
+    return dist.all_reduce(total, device)
+
+
+def _local_tensor(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's part of a parameter: a DTensor's shard (FSDP2), a ZeRO-3 partition, or the tensor itself."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def steady_throughput(tokens: list[int], seconds: list[float]) -> float | None:

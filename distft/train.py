@@ -45,6 +45,8 @@ def launch(cfg: DictConfig) -> dict:
     if cfg.data.path is not None:
         cfg.data.path = to_absolute_path(cfg.data.path)
     validate_config(cfg)
+    if cfg.preflight:  # its own directory: a preflight checkpoint must never become the real run's resume point
+        cfg.run.name = f"{cfg.run.name}-preflight-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     _refuse_completed(run_dir)
 
@@ -52,6 +54,7 @@ def launch(cfg: DictConfig) -> dict:
     if not address:  # a local cluster will have exactly this machine's resources: check before starting it
         validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
+    plan = run_plan(cfg, model_dir)
     import ray
 
     init_ray(cfg, address)
@@ -59,7 +62,7 @@ def launch(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir)
+    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, plan=plan)
     started = time.time()
     status, error = "completed", None
     try:
@@ -67,9 +70,25 @@ def launch(cfg: DictConfig) -> dict:
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the summary records the cause
         status, error = "failed", _root_cause(e)
         print(f"\ndistft: training failed: {error}\n", file=sys.stderr)
-    summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started)
+    summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started, plan=plan)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.preflight:
+        from distft.plan.preflight import write_preflight
+
+        write_preflight(run_dir, summary=summary, plan=plan)
     return summary
+
+
+def run_plan(cfg: DictConfig, model_dir: str) -> dict | None:
+    """The planner's per-worker memory prediction for this run (logged next to the measured peaks); a planner
+    failure never stops training."""
+    try:
+        from distft.plan import predict_run
+
+        return predict_run(cfg, model_dir=model_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"distft: warning: no memory plan for this run: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def local_resources(cfg: DictConfig) -> dict:
@@ -102,7 +121,7 @@ def quiet_local_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):
+def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, plan: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -124,7 +143,7 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "model_dir": model_dir},
+                           "model_dir": model_dir, "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(
@@ -137,7 +156,8 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str):
     )
 
 
-def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | None, wall_seconds: float) -> dict:
+def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | None, wall_seconds: float,
+                  plan: dict | None = None) -> dict:
     """summary.json: the contract other tools (report, plan, CI) read. Keys are stable; values are measured."""
     result_path = run_dir / "train_result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() and status == "completed" else {}
@@ -169,6 +189,9 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
         "grad_accum": result.get("grad_accum"),
         "data": result.get("data"),
         "resumed_from": result.get("resumed_from"),
+        # The planner's prediction next to the measured per-worker peaks (python -m distft.plan explains it).
+        "plan": None if plan is None else {**plan,
+                                           "measured_peak_bytes_per_worker": result.get("peak_memory_bytes_per_worker")},
     }
 
 

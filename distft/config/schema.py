@@ -92,6 +92,13 @@ class HardwareConfig:
     accelerator: str = "cpu"  # cpu | cuda
     gpu_memory_gb: float = 0.0  # per GPU, for planning and error messages
     gpu_hour_usd: Optional[float] = None  # price of one GPU-hour (worker-hour on CPU) for cost estimates; None: no cost
+    # Throughput estimates (python -m distft.plan): tokens/s = mfu x peak_tflops / FLOPs per token, unless a
+    # measured tokens_per_second (all workers together) is given. peak_tflops: dense bf16 per GPU (docs/planner.md).
+    peak_tflops: Optional[float] = None
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the estimate
+    tokens_per_second: Optional[float] = None  # measured throughput (e.g. summary.json's), overrides mfu
+    host_memory_gb: Optional[float] = None  # RAM per node, to check loading; None: not checked
+    gpus_per_node: int = 8  # workers sharing one node's RAM while loading
 
 
 @dataclass
@@ -179,6 +186,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    preflight: bool = False  # one real step, checkpoint save and reload, measured vs planned memory; then stop
 
 
 def register_configs() -> None:

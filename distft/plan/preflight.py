@@ -1,0 +1,53 @@
+"""preflight.json: the measured peaks of one real step + checkpoint save + reload, next to the plan's prediction."""
+
+import json
+from pathlib import Path
+
+from distft.plan.memory import GiB
+
+
+def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None) -> dict:
+    """Write `run_dir/preflight.json` and print a per-worker table of predicted vs measured peak memory."""
+    result_path = run_dir / "train_result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    measured = result.get("peak_memory_bytes_per_worker") or []
+    # A preflight runs no evaluation or export: compare with the phases it does run.
+    ran = ("load", "train", "save")
+    predicted = [max(plan["phases"][p]["rank0" if rank == 0 else "other"] for p in ran if p in plan["phases"])
+                 for rank in range(len(measured))] if plan else []
+    report = {
+        "status": summary["status"],
+        "error": summary["error"],
+        "run_dir": str(run_dir),
+        "measured_as": plan["measured_as"] if plan else None,
+        "measured_peak_bytes_per_worker": measured,
+        "predicted_peak_bytes_per_worker": predicted,
+        "ratio_measured_to_predicted": [m / p for m, p in zip(measured, predicted, strict=True)] if predicted else None,
+        "predicted_full_run_peak_bytes": plan["peak_bytes"] if plan else None,
+        "predicted_fits": plan["fits"] if plan else None,
+        "plan": plan,
+        "checkpoint": result.get("checkpoint"),
+        "reloaded": result.get("reloaded", False),
+        "reload_checksum": result.get("reload_checksum"),
+        "train_loss_first_step": result.get("train_loss_first_step"),
+    }
+    (run_dir / "preflight.json").write_text(json.dumps(report, indent=2))
+    print(render_preflight(report))
+    return report
+
+
+def render_preflight(report: dict) -> str:
+    lines = [f"preflight: {report['status']}" + (f" ({report['error']})" if report["error"] else ""),
+             "worker   predicted (load/train/save) GiB   measured GiB   measured/predicted"]
+    for rank, m in enumerate(report["measured_peak_bytes_per_worker"]):
+        p = report["predicted_peak_bytes_per_worker"][rank] if report["predicted_peak_bytes_per_worker"] else None
+        ratio = f"{m / p:.2f}" if p else "–"
+        lines.append(f"{rank:>6}   {p / GiB if p else float('nan'):>31.2f}   {m / GiB:>12.2f}   {ratio:>18}")
+    if report["predicted_full_run_peak_bytes"]:
+        lines.append(f"full run (with eval/export) predicted peak: {report['predicted_full_run_peak_bytes'] / GiB:.2f}"
+                     f" GiB per worker; fits: {report['predicted_fits']}")
+    check = report.get("reload_checksum") or {}
+    lines.append(f"checkpoint {report['checkpoint']}: saved and reloaded "
+                 f"({'weights identical' if check.get('equal') else 'WEIGHTS DIFFER after reload'})")
+    lines.append(f"written: {report['run_dir']}/preflight.json")
+    return "\n".join(lines)
