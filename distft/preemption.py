@@ -107,7 +107,8 @@ _previous_handlers: dict = {}
 
 
 def install_driver_handler(stop_actor) -> None:
-    """First SIGTERM/SIGINT on the driver: ask the workers to checkpoint and stop; a second one exits at once."""
+    """First SIGTERM on the driver: ask the workers to checkpoint and stop; a second one exits at once. (SIGINT is
+    Ray Train's: Ctrl-C aborts the run without a checkpoint.)"""
     previous = _previous_handlers
 
     def on_signal(signum, frame):
@@ -120,7 +121,7 @@ def install_driver_handler(stop_actor) -> None:
               f"(send {name} again to exit now)\n", flush=True)
         stop_actor.request.remote(f"{name} received by the driver")  # no ray.get: we are inside a handler
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM,):
         previous[sig] = signal.getsignal(sig)
         signal.signal(sig, on_signal)
 

@@ -35,6 +35,7 @@ FAULT_ENV = "DISTFT_FAULT_AT_STEP"
 
 def train_worker(config: dict) -> None:
     """Entry point that Ray Train calls on each worker."""
+    import ray
     import ray.train
 
     from distft.storage import RunStorage
@@ -44,11 +45,12 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     storage = RunStorage(cfg.run.storage_path, cfg.run.name)
-    checkpoint, name_suffix = choose_resume_checkpoint(ray.train.get_checkpoint(), storage=storage,
+    checkpoint, name_suffix, resume_warning = choose_resume_checkpoint(ray.train.get_checkpoint(), storage=storage,
                                                         explicit=cfg.run.resume_from)
     if rank == 0 and checkpoint is not None:
         storage.pull("metrics.jsonl")  # a new node's staging copy may be missing or stale
     driver_stop = preemption.poll_stop_actor(cfg.run.name) if rank == 0 else (lambda: None)
+    nodes = len(set(dist.all_gather_objects(ray.get_runtime_context().get_node_id())))
     preemption.training_started()
     try:
         with (checkpoint.as_directory() if checkpoint else _nullpath()) as ckpt_path:
@@ -57,7 +59,8 @@ def train_worker(config: dict) -> None:
                          report=lambda metrics, ckpt_dir, step: _ray_report(metrics, ckpt_dir, step, name_suffix),
                          sync=storage.push if rank == 0 else None,
                          should_stop=lambda: preemption.stop_reason() or driver_stop(),
-                         resumed_from=_checkpoint_location(checkpoint, storage))
+                         resumed_from=_checkpoint_location(checkpoint, storage), worker_nodes=nodes,
+                         resume_warning=resume_warning)
     finally:
         preemption.training_finished()
 
@@ -67,9 +70,9 @@ def choose_resume_checkpoint(handed, *, storage, explicit: str | None):
     otherwise the newest complete `checkpoint_*` of this run, with a warning. Rank 0 decides and broadcasts, so
     every rank loads the same one.
 
-    Returns (checkpoint or None, suffix for the names of the checkpoints this attempt writes: after falling back,
-    new checkpoints must not reuse the names of the broken ones, or Ray's retention of the old entry would later
-    delete the new directory).
+    Returns (checkpoint or None, suffix for the names of the checkpoints this attempt writes, warning or None).
+    After a fallback, new checkpoints must not reuse the broken ones' names, or Ray's retention of the old entry
+    would later delete the new directory.
     """
     import ray.train
 
@@ -79,11 +82,11 @@ def choose_resume_checkpoint(handed, *, storage, explicit: str | None):
     if isinstance(decision, str):  # rank 0's reason for refusing to start
         raise RuntimeError(decision)
     if decision is None:
-        return None, ""
-    path, suffix = decision
+        return None, "", None
+    path, suffix, warning = decision
     if path == handed.path:
-        return handed, suffix
-    return ray.train.Checkpoint(path, filesystem=storage.filesystem), suffix
+        return handed, suffix, warning
+    return ray.train.Checkpoint(path, filesystem=storage.filesystem), suffix, warning
 
 
 def _decide_resume(handed, *, storage, explicit: str | None):
@@ -93,7 +96,7 @@ def _decide_resume(handed, *, storage, explicit: str | None):
         return None
     problem = check_checkpoint(handed.path, handed.filesystem)
     if problem is None:
-        return handed.path, ""
+        return handed.path, "", None
     if explicit is not None:
         _, explicit_path = resolve_filesystem(explicit)
         if explicit_path.rstrip("/") == handed.path.rstrip("/"):
@@ -104,9 +107,10 @@ def _decide_resume(handed, *, storage, explicit: str | None):
         if checkpoint_sort_key(name) >= handed_key:
             continue
         if check_checkpoint(path, storage.filesystem) is None:
-            log.warning("the latest checkpoint %s is incomplete (%s); resuming from the newest complete one, %s",
-                        handed.path, problem, path)
-            return path, f"-r{int(time.time())}"
+            warning = f"the latest checkpoint {handed.path} is incomplete ({problem}); resumed from the newest " \
+                      f"complete one, {path}"
+            log.warning(warning)
+            return path, f"-r{int(time.time())}", warning
     return (f"the latest checkpoint {handed.path} is incomplete ({problem}) and no complete checkpoint_* is left "
             f"in {storage.uri}; start a new run.name, or pass run.resume_from=PATH_TO_A_GOOD_CHECKPOINT")
 
@@ -141,7 +145,8 @@ def load_dtype(method: str, precision: str) -> str:
 
 
 def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, device: torch.device,
-                 resume_dir: Path | None, report, sync=None, should_stop=None, resumed_from: str | None = None) -> dict:
+                 resume_dir: Path | None, report, sync=None, should_stop=None, resumed_from: str | None = None,
+                 worker_nodes: int | None = None, resume_warning: str | None = None) -> dict:
     """The whole run on one worker. `sync(*names)` uploads files of run_dir to the run's storage (rank 0; None when
     run_dir is the storage); `should_stop()` returns a reason to checkpoint and stop at the next step boundary."""
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
@@ -340,6 +345,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         "export_dir": str(export_dir) if cfg.run.export else None,
         "export_check": export_info,
         "resumed_from": resumed_from or (str(resume_dir) if resume_dir else None),
+        "worker_nodes": worker_nodes,
+        "resume_warning": resume_warning,
     }
     if rank == 0:
         _write_json(run_dir / "train_result.json", result)

@@ -93,8 +93,8 @@ class RunStorage:
         for rel in relative:
             src = self.local_dir / rel
             if src.exists():
-                if src.is_dir():
-                    self.filesystem.create_dir(f"{self.fs_path}/{rel}", recursive=True)
+                dest_dir = f"{self.fs_path}/{rel}" if src.is_dir() else f"{self.fs_path}/{rel}".rsplit("/", 1)[0]
+                self.filesystem.create_dir(dest_dir, recursive=True)  # object stores ignore it; local ones need it
                 pafs.copy_files(str(src), f"{self.fs_path}/{rel}", source_filesystem=pafs.LocalFileSystem(),
                                 destination_filesystem=self.filesystem)
 

@@ -279,6 +279,8 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
         "grad_accum": result.get("grad_accum"),
         "data": result.get("data"),
         "resumed_from": result.get("resumed_from"),
+        "worker_nodes": result.get("worker_nodes"),
+        "resume_warning": result.get("resume_warning"),
     }
 
 
