@@ -162,7 +162,10 @@ def failure_message(error: Exception, *, max_failures: int) -> str:
 
     retries = f"run.max_failures={max_failures} restart(s) allowed"
     if isinstance(error, WorkerGroupError) and error.worker_failures:
-        parts = [f"rank {rank}: {_root_cause(exc)}" for rank, exc in sorted(error.worker_failures.items())]
+        by_cause: dict[str, list[str]] = {}
+        for rank, exc in sorted(error.worker_failures.items()):
+            by_cause.setdefault(_root_cause(exc), []).append(str(rank))
+        parts = [f"rank{'s' if len(r) > 1 else ''} {', '.join(r)}: {cause}" for cause, r in by_cause.items()]
         return f"worker {'; '.join(parts)} ({retries})"
     return f"{_root_cause(error)} ({retries})"
 

@@ -42,7 +42,8 @@ def _ray(*args: str, env: dict, log: Path) -> subprocess.Popen:
 def _node_ports() -> list[str]:
     return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
             f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            "--object-store-memory=300000000"]  # small: three nodes share this machine's RAM
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:

@@ -35,7 +35,7 @@ def clean_curve(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[int, float]:
 
 
 def _checkpoints(run_dir: Path) -> dict[str, str | None]:
-    return {p.name: check_checkpoint(p) for p in sorted(run_dir.glob("checkpoint_*"))}
+    return {p.name: check_checkpoint(p) for p in sorted(run_dir.glob("checkpoint_*")) if p.is_dir()}
 
 
 def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_storage(
@@ -52,7 +52,7 @@ def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_stor
                       "run.max_failures=1")
     assert time.time() - started < 300  # no hang
     assert failed["status"] == "failed"
-    assert "rank 0: FloatingPointError: loss is nan at step 5; stopped before the optimizer step" in failed["error"]
+    assert "ranks 0, 1: FloatingPointError: loss is nan at step 5; stopped before the optimizer step" in failed["error"]
     assert "run.max_failures=1" in failed["error"]
     assert failed["run_dir"] == f"{storage}/nan"
     on_disk = json.loads((run_dir / "summary.json").read_text())  # uploaded to the URI

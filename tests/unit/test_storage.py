@@ -129,3 +129,42 @@ def test_failure_message_names_the_failing_rank_and_cause():
     error = WorkerGroupError("rank 1 died", {1: inner})
     assert failure_message(error, max_failures=2) == \
         "worker rank 1: RuntimeError: boom (run.max_failures=2 restart(s) allowed)"
+
+
+def test_multi_node_run_refuses_a_path_another_node_cannot_see(tmp_path, monkeypatch):
+    """The probe logic with Ray's calls replaced: node B answers that the probe file is not there (the real
+    multi-node path, where every node sees it, runs in tests/integration/test_cluster.py)."""
+    import ray
+
+    from distft.train import check_shared_storage
+
+    nodes = [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"},
+             {"Alive": True, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"},
+             {"Alive": False, "NodeID": "c" * 56, "NodeManagerAddress": "10.0.0.3"}]
+    seen = {}
+
+    class Task:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def options(self, scheduling_strategy):
+            node = scheduling_strategy.node_id
+            return SimpleNamespace(remote=lambda path: (node, self.fn(path) and node.startswith("a")))
+
+    def get(ref, timeout=None):
+        seen[ref[0]] = ref[1]
+        return ref[1]
+
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "remote", lambda **kw: Task)
+    monkeypatch.setattr(ray, "get", get)
+    store = RunStorage(str(tmp_path / "runs"), "r")
+    store.local_dir.mkdir(parents=True)
+    with pytest.raises(UserError, match=r"run.storage_path=.*runs is node-local .*10\.0\.0\.2 \(bbbbbbbb\) cannot see "
+                                        r"it.*s3://BUCKET/runs"):
+        check_shared_storage(store)
+    assert set(seen) == {"a" * 56, "b" * 56}  # dead nodes are not asked
+    assert not list(store.local_dir.iterdir())  # the probe file is removed
+
+    nodes[1]["Alive"] = False  # one node left: nothing to check
+    check_shared_storage(store)
