@@ -8,10 +8,12 @@ on the machine).
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,26 +72,33 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, gsm8k_dir):
     root = tmp_path_factory.mktemp("cluster")
+    ray_tmp = tempfile.mkdtemp(prefix="dft-", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GSM8K_DIR": str(gsm8k_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+    # A private test cluster on loopback: no auth token (a token left in ~/.ray by another cluster would not match).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GSM8K_DIR": str(gsm8k_dir), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled",
+           # a job's entrypoint says `python`: this interpreter, as in an image where it is the only one
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     head = _ray("--head", f"--port={gcs_port}", "--num-cpus=0", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={_free_port()}", f"--temp-dir={root / 'ray'}",
+                f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_tmp}",
                 f"--system-config={json.dumps(SYSTEM_CONFIG)}", *_node_ports(), env=env, log=root / "head.log")
     nodes = []
     try:
         _wait_for(lambda: _gcs_up(gcs_port), 120, "the head node", root / "head.log")
-        for i in range(2):
+        for i in range(2):  # one at a time: nodes on one machine share the session dir and name files in it
             nodes.append(_ray(f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2", *_node_ports(), env=env,
                               log=root / f"node{i}.log"))
-        _wait_for(lambda: _alive_nodes(gcs_port, env) == 3, 120, "3 alive nodes", root / "node0.log")
+            _wait_for(lambda n=i + 2: _alive_nodes(gcs_port, env) == n, 120, f"{i + 2} alive nodes",
+                      root / f"node{i}.log")
         _wait_for(lambda: _dashboard_up(dashboard_port), 120, "the job server", root / "head.log")
         yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env,
                "nodes": nodes, "root": root}
     finally:
         for proc in [*nodes, head]:
             _stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _wait_for(predicate, seconds: float, what: str, log: Path) -> None:
