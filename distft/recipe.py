@@ -466,8 +466,10 @@ def _fault_step(rank: int) -> tuple[int, str] | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    step, fault_rank, mode = (spec.split(":") + ["0", "kill"])[:3]
-    return (int(step), mode or "kill") if int(fault_rank or 0) == rank else None
+    parts = spec.split(":")
+    step, fault_rank = int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    mode = parts[2] if len(parts) > 2 and parts[2] else "kill"
+    return (step, mode) if fault_rank == rank else None
 
 
 def _inject_fault(run_dir: Path, rank: int, step: int, mode: str = "kill") -> None:
