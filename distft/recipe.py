@@ -29,7 +29,8 @@ from distft.tracking import MetricsFile, WandbLogger
 log = logging.getLogger("distft")
 
 # Test hook: "STEP:RANK[:MODE]" makes that rank fail once when it reaches STEP. MODE: kill (default, the process
-# exits), sigterm (the process sends itself SIGTERM, as a preemption would), nan (the loss of that step is NaN).
+# exits), sigterm (the process sends itself SIGTERM, as a preemption would), nan (the loss of that step is NaN),
+# sleep (a 60 s pause, so that a test can take a node away mid-run).
 FAULT_ENV = "DISTFT_FAULT_AT_STEP"
 
 
@@ -478,6 +479,10 @@ def _inject_fault(run_dir: Path, rank: int, step: int, mode: str = "kill") -> No
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("")
+    if mode == "sleep":  # holds the run at this step so a test can take a node away
+        log.warning("%s: rank %d pauses at step %d", FAULT_ENV, rank, step)
+        time.sleep(60)
+        return
     if mode == "sigterm":
         import signal
 

@@ -132,6 +132,20 @@ def _alive_nodes(gcs_port: int, env: dict) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else -1
 
 
+def _node_running_a_train_worker(nodes: list[subprocess.Popen]) -> subprocess.Popen:
+    """The `ray start` process whose node hosts a Ray Train worker (Ray titles those processes ray::RayTrainWorker)."""
+    import psutil
+
+    for proc in nodes:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(child.cmdline()):
+                    return proc
+            except psutil.NoSuchProcess:
+                continue
+    raise AssertionError("no Ray Train worker found on the worker nodes")
+
+
 TRAIN_ARGS = ["+experiment=gsm8k_full", "model=tiny_llama", "hardware=cpu", "data.max_train_examples=96",
               "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.warmup_steps=1",
               "trainer.lr=3e-3", "trainer.progress_bar=false", "eval.enabled=false", "run.export=false",
@@ -168,16 +182,17 @@ def test_a_lost_node_restarts_from_the_latest_checkpoint_with_the_identical_curv
     assert submitted_job["rc"] == 0, "needs the uninterrupted run of the job test"
     storage = cluster["root"] / "runs"
     run_dir = storage / "node-lost"
-    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
+    # rank 0 pauses once after step 3 (checkpoint 2 is committed), so the node goes away mid-run, not after it
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"], "DISTFT_FAULT_AT_STEP": "3:0:sleep"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "distft.train", *TRAIN_ARGS, f"data.path={gsm8k_dir}", f"run.storage_path={storage}",
          "run.name=node-lost", "run.max_failures=1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not (run_dir / "checkpoint_000002" / "distft_checkpoint.json").exists():
+    while not (run_dir / ".fault_injected_step3_rank0").exists():
         assert driver.poll() is None and time.time() < deadline, driver.stdout.read()[-5000:]
         time.sleep(0.2)
-    _stop(cluster["nodes"][1], signal.SIGKILL)  # the whole node at once: raylet, its workers, its agents
+    _stop(_node_running_a_train_worker(cluster["nodes"]), signal.SIGKILL)  # raylet, workers, agents: all at once
     output, _ = driver.communicate(timeout=400)
     assert driver.returncode == 0, output[-5000:]
     summary = json.loads((run_dir / "summary.json").read_text())
