@@ -86,9 +86,13 @@ class StopFlag:
 
 
 def create_stop_actor(run_name: str):
+    """On the driver's node (like Ray Train's controller), so that losing a worker node never loses the flag."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor = ray.remote(num_cpus=0)(StopFlag).options(name=STOP_ACTOR_PREFIX + run_name, get_if_exists=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0)(StopFlag).options(name=STOP_ACTOR_PREFIX + run_name, get_if_exists=True,
+                                                     scheduling_strategy=here)
     return actor.remote()
 
 
@@ -100,7 +104,15 @@ def poll_stop_actor(run_name: str):
         actor = ray.get_actor(STOP_ACTOR_PREFIX + run_name)
     except ValueError:  # run_training called outside `distft.train` (tests, benchmarks)
         return lambda: None
-    return lambda: ray.get(actor.get.remote(), timeout=30)
+
+    def poll():
+        try:
+            return ray.get(actor.get.remote(), timeout=30)
+        except Exception as e:  # noqa: BLE001 - a lost flag must never stop training; SIGTERM still works
+            log.warning("cannot read the driver's stop flag (%s); going on", type(e).__name__)
+            return None
+
+    return poll
 
 
 _previous_handlers: dict = {}
