@@ -189,7 +189,10 @@ def test_a_lost_node_restarts_from_the_latest_checkpoint_with_the_identical_curv
          "run.name=node-lost", "run.max_failures=1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not (run_dir / ".fault_injected_step3_rank0").exists():
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    # wait until rank 0 pauses after step 3 and Ray has committed checkpoint 2 (the controller polls reports)
+    while not ((run_dir / ".fault_injected_step3_rank0").exists() and snapshot.exists()
+               and "checkpoint_000002" in snapshot.read_text()):
         assert driver.poll() is None and time.time() < deadline, driver.stdout.read()[-5000:]
         time.sleep(0.2)
     _stop(_node_running_a_train_worker(cluster["nodes"]), signal.SIGKILL)  # raylet, workers, agents: all at once
