@@ -10,7 +10,7 @@ export GSM8K_DIR
 endif
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install run test test-fast lint bench clean
+.PHONY: help install run test test-fast lint bench clean docker-gpu docker-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,12 @@ bench: $(STAMP)  ## framework overhead vs a plain PyTorch loop, and padding shar
 bench-memory: $(STAMP)  ## per-worker memory of ddp/zero2/zero3/fsdp (+offload) on SmolLM2-135M, and at load (CPU)
 	$(BIN)/python bench/bench_memory.py --out docs/results/memory_cpu.json
 	$(BIN)/python bench/bench_memory.py --load --out docs/results/memory_load_cpu.json
+
+docker-gpu:  ## build the CUDA image distft:gpu (also the Ray cluster image; needs a Docker engine)
+	docker build -f docker/Dockerfile -t distft:gpu .
+
+docker-cpu:  ## build the CPU image distft:cpu for local runs (needs a Docker engine)
+	docker build -f docker/Dockerfile.cpu -t distft:cpu .
 
 clean:  ## remove the virtualenv and local run outputs
 	rm -rf $(VENV) runs outputs multirun

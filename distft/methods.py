@@ -12,8 +12,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str | None):
     """bitsandbytes 4-bit config for QLoRA."""
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as e:
         raise UserError("method=qlora needs bitsandbytes: `pip install 'distft[qlora]'`.") from e
     return BitsAndBytesConfig(

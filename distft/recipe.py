@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from distft import dist
+from distft import dist, preemption
 from distft.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from distft.data import ShardedBatches, build_rows, format_prompt, load_examples
 from distft.eval import gold_answer, greedy_generate, score
@@ -29,32 +29,107 @@ from distft.tracking import MetricsFile, WandbLogger
 
 log = logging.getLogger("distft")
 
-FAULT_ENV = "DISTFT_FAULT_AT_STEP"  # test hook: "STEP:RANK" kills that rank once when it reaches STEP
+# Test hook: "STEP:RANK[:MODE]" makes that rank fail once when it reaches STEP. MODE: kill (default, the process
+# exits), sigterm (the process sends itself SIGTERM, as a preemption would), nan (the loss of that step is NaN),
+# sleep (a 60 s pause, so that a test can take a node away mid-run).
+FAULT_ENV = "DISTFT_FAULT_AT_STEP"
 
 
 def train_worker(config: dict) -> None:
     """Entry point that Ray Train calls on each worker."""
+    import ray
     import ray.train
+
+    from distft.storage import RunStorage
 
     ctx = ray.train.get_context()
     cfg = OmegaConf.create(config["cfg"])
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    with (checkpoint.as_directory() if checkpoint else _nullpath()) as ckpt_path:
-        if ckpt_path is not None:
-            resume_dir = Path(ckpt_path)
-        run_training(cfg, run_dir=Path(config["run_dir"]), model_dir=config["model_dir"], rank=rank,
-                     world=world, device=device, resume_dir=resume_dir, report=_ray_report,
-                     plan=config.get("plan"))
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name)
+    checkpoint, name_suffix, resume_warning = choose_resume_checkpoint(ray.train.get_checkpoint(), storage=storage,
+                                                        explicit=cfg.run.resume_from)
+    if rank == 0 and checkpoint is not None:
+        storage.pull("metrics.jsonl")  # a new node's staging copy may be missing or stale
+    driver_stop = preemption.poll_stop_actor(cfg.run.name) if rank == 0 else (lambda: None)
+    nodes = len(set(dist.all_gather_objects(ray.get_runtime_context().get_node_id())))
+    preemption.training_started()
+    try:
+        with (checkpoint.as_directory() if checkpoint else _nullpath()) as ckpt_path:
+            run_training(cfg, run_dir=storage.local_dir, model_dir=config["model_dir"], rank=rank, world=world,
+                         device=device, resume_dir=Path(ckpt_path) if ckpt_path else None,
+                         report=lambda metrics, ckpt_dir, step: _ray_report(metrics, ckpt_dir, step, name_suffix),
+                         sync=storage.push if rank == 0 else None,
+                         should_stop=lambda: preemption.stop_reason() or driver_stop(),
+                         resumed_from=_checkpoint_location(checkpoint, storage), worker_nodes=nodes,
+                         resume_warning=resume_warning, plan=config.get("plan"))
+    finally:
+        preemption.training_finished()
 
 
-def _ray_report(metrics: dict, ckpt_dir: Path, step: int) -> None:
+def choose_resume_checkpoint(handed, *, storage, explicit: str | None):
+    """The checkpoint to resume from: the one Ray hands over (its latest committed one) when it is complete;
+    otherwise the newest complete `checkpoint_*` of this run, with a warning. Rank 0 decides and broadcasts, so
+    every rank loads the same one.
+
+    Returns (checkpoint or None, suffix for the names of the checkpoints this attempt writes, warning or None).
+    After a fallback, new checkpoints must not reuse the broken ones' names, or Ray's retention of the old entry
+    would later delete the new directory.
+    """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    decision = _decide_resume(handed, storage=storage, explicit=explicit) if rank == 0 else None
+    decision = dist.all_gather_objects(decision)[0]
+    if isinstance(decision, str):  # rank 0's reason for refusing to start
+        raise RuntimeError(decision)
+    if decision is None:
+        return None, "", None
+    path, suffix, warning = decision
+    if path == handed.path:
+        return handed, suffix, warning
+    return ray.train.Checkpoint(path, filesystem=storage.filesystem), suffix, warning
+
+
+def _decide_resume(handed, *, storage, explicit: str | None):
+    from distft.storage import checkpoint_sort_key, resolve_filesystem
+
+    if handed is None:
+        return None
+    problem = check_checkpoint(handed.path, handed.filesystem)
+    if problem is None:
+        return handed.path, "", None
+    if explicit is not None:
+        _, explicit_path = resolve_filesystem(explicit)
+        if explicit_path.rstrip("/") == handed.path.rstrip("/"):
+            return f"run.resume_from={explicit} is not a complete checkpoint: {problem}"
+    handed_key = checkpoint_sort_key(handed.path.rstrip("/").rsplit("/", 1)[-1])
+    for name in storage.checkpoint_dirs():  # newest first; only ones older than the broken one
+        path = f"{storage.fs_path}/{name}"
+        if checkpoint_sort_key(name) >= handed_key:
+            continue
+        if check_checkpoint(path, storage.filesystem) is None:
+            warning = f"the latest checkpoint {handed.path} is incomplete ({problem}); resumed from the newest " \
+                      f"complete one, {path}"
+            log.warning(warning)
+            return path, f"-r{int(time.time())}", warning
+    return (f"the latest checkpoint {handed.path} is incomplete ({problem}) and no complete checkpoint_* is left "
+            f"in {storage.uri}; start a new run.name, or pass run.resume_from=PATH_TO_A_GOOD_CHECKPOINT")
+
+
+def _checkpoint_location(checkpoint, storage) -> str | None:
+    if checkpoint is None:
+        return None
+    if storage.remote and checkpoint.path.startswith(storage.fs_path):
+        return storage.uri + checkpoint.path[len(storage.fs_path):]
+    return checkpoint.path
+
+
+def _ray_report(metrics: dict, ckpt_dir: Path, step: int, name_suffix: str = "") -> None:
     import ray.train
 
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                     checkpoint_dir_name=f"checkpoint_{step:06d}")
+                     checkpoint_dir_name=f"checkpoint_{step:06d}{name_suffix}")
 
 
 class _nullpath:
@@ -72,7 +147,10 @@ def load_dtype(method: str, precision: str) -> str:
 
 
 def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, device: torch.device,
-                 resume_dir: Path | None, report, plan: dict | None = None) -> dict:
+                 resume_dir: Path | None, report, plan: dict | None = None, sync=None, should_stop=None, resumed_from: str | None = None,
+                 worker_nodes: int | None = None, resume_warning: str | None = None) -> dict:
+    """The whole run on one worker. `sync(*names)` uploads files of run_dir to the run's storage (rank 0; None when
+    run_dir is the storage); `should_stop()` returns a reason to checkpoint and stop at the next step boundary."""
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
@@ -165,6 +243,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         eval_start = evaluate_now()
         if rank == 0:
             _write_json(run_dir / "eval_start.json", eval_start)
+            _sync(sync, "eval_start.json")
 
     # --- loop ---------------------------------------------------------------------------------------------
     stream = batches.forever()
@@ -172,6 +251,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     model.train()
     step_times: list[float] = []
     step_tokens: list[int] = []
+    stopped = None
     bar = _progress_bar(max_steps, step) if rank == 0 and trainer.progress_bar else None
     while step < max_steps:
         t0 = time.perf_counter()
@@ -189,9 +269,13 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
                 token_loss = causal_lm_loss_sum(logits, batch["labels"].to(device))
                 strategy.backward(token_loss * scale)
             loss_sum += float(token_loss.detach())
+        if fault == (step + 1, "nan"):
+            loss_sum = float("nan")
         loss = dist.all_reduce(loss_sum, device) / max(global_tokens, 1.0)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping before the optimizer step")
+            raise FloatingPointError(
+                f"loss is {loss} at step {step + 1}; stopped before the optimizer step (no checkpoint of this step "
+                "was written). Lower trainer.lr, keep trainer.max_grad_norm set, or check the data for empty answers")
         lr_now = strategy.current_lr()
         grad_norm = strategy.step(trainer.max_grad_norm)
         step += 1
@@ -199,8 +283,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         tokens = dist.all_reduce(sum(int(b["input_ids"].numel()) for b in micro), device)
         step_times.append(elapsed)
         step_tokens.append(tokens)
-        if fault is not None and step == fault:
-            _inject_fault(run_dir, rank, step)
+        if fault is not None and step == fault[0] and fault[1] != "nan":
+            _inject_fault(run_dir, rank, step, fault[1])
         if rank == 0:
             row = {"step": step, "loss": loss, "lr": lr_now, "grad_norm": grad_norm,
                    "tokens_per_second": tokens / elapsed, "answer_tokens": int(global_tokens),
@@ -212,16 +296,30 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-        if step % trainer.checkpoint_every == 0 or step == max_steps or preflight:
+        # Every rank must agree to stop at the same step, whichever of them (or the driver) was told to.
+        reason = should_stop() if should_stop else None
+        if should_stop and dist.all_reduce(float(reason is not None), device, op="max") > 0:
+            stopped = dist.all_gather_objects(reason)
+            stopped = next((r for r in stopped if r), "stop requested")
+        if step % trainer.checkpoint_every == 0 or step == max_steps or stopped or preflight:
             _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, {"loss": loss})
+            _sync(sync, "metrics.jsonl")
+        if stopped:
+            log.warning("%s: checkpoint of step %d saved; stopping (rerun the same command to resume)", stopped, step)
+            break
         if preflight:
             break
     if bar:
         bar.close()
+    if stopped:
+        result = {"steps": step, "max_steps": max_steps, "stopped": stopped,
+                  "resumed_from": resumed_from or (str(resume_dir) if resume_dir else None)}
+        if rank == 0:
+            _write_json(run_dir / "train_result.json", result)
+            _sync(sync, "train_result.json", "metrics.jsonl")
+        return result
 
     if preflight:
-        if bar:
-            bar.close()
         return _preflight_reload(strategy, run_dir=run_dir, rank=rank, world=world, step=step, device=device,
                                  memory_at_start=memory_at_start, loss=loss, trainable_params=trainable_params,
                                  total_params=total_params)
@@ -264,10 +362,13 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         "eval": eval_end,
         "export_dir": str(export_dir) if cfg.run.export else None,
         "export_check": export_info,
-        "resumed_from": str(resume_dir) if resume_dir else None,
+        "resumed_from": resumed_from or (str(resume_dir) if resume_dir else None),
+        "worker_nodes": worker_nodes,
+        "resume_warning": resume_warning,
     }
     if rank == 0:
         _write_json(run_dir / "train_result.json", result)
+        _sync(sync, "train_result.json", "metrics.jsonl", "eval_start.json", "export_probe.pt", "export")
         if wandb:
             wandb.summary({k: v for k, v in (eval_end or {}).items() if isinstance(v, (int, float))})
             if plan:  # the planner's prediction next to what was measured, so every run checks the planner
@@ -413,7 +514,7 @@ def evaluate(strategy, tokenizer, examples, *, cfg, template: str, rank: int, wo
         with strategy.generation_context() as gen_model, strategy.forward_context():
             texts = greedy_generate(gen_model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                     batch_size=cfg.eval.batch_size)
-        gathered = dist.all_gather_objects(list(zip(mine, texts)))
+        gathered = dist.all_gather_objects(list(zip(mine, texts, strict=True)))
         by_index = dict(pair for part in gathered for pair in part)
         predictions = [by_index[i] for i in range(len(gen_examples))]
         out.update(score(predictions, [gold_answer(e.response) for e in gen_examples]))
@@ -431,19 +532,38 @@ def _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report,
         report({"step": step, **metrics}, Path(tmp), step)
 
 
-def _fault_step(rank: int) -> int | None:
+def _sync(sync, *names: str) -> None:
+    if sync is not None:
+        sync(*names)
+
+
+def _fault_step(rank: int) -> tuple[int, str] | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    step, _, fault_rank = spec.partition(":")
-    return int(step) if int(fault_rank or 0) == rank else None
+    parts = spec.split(":")
+    step, fault_rank = int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    mode = parts[2] if len(parts) > 2 and parts[2] else "kill"
+    return (step, mode) if fault_rank == rank else None
 
 
-def _inject_fault(run_dir: Path, rank: int, step: int) -> None:
+def _inject_fault(run_dir: Path, rank: int, step: int, mode: str = "kill") -> None:
     marker = run_dir / f".fault_injected_step{step}_rank{rank}"
     if marker.exists():  # only once, so the restarted attempt can pass this step
         return
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("")
+    if mode == "sleep":  # holds the run at this step so a test can take a node away
+        log.warning("%s: rank %d pauses at step %d", FAULT_ENV, rank, step)
+        time.sleep(60)
+        return
+    if mode == "sigterm":
+        import signal
+
+        log.warning("%s: rank %d sends itself SIGTERM at step %d", FAULT_ENV, rank, step)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # let the main thread run the handler before the step boundary is checked
+        return
     log.error("%s: killing rank %d at step %d", FAULT_ENV, rank, step)
     os._exit(1)
 

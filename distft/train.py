@@ -19,6 +19,7 @@ from distft.config import register_configs, validate_cluster, validate_config
 from distft.config.validate import local_cpu_count
 from distft.errors import UserError
 from distft.model import cache_dir, resolve_model_dir
+from distft.storage import RunStorage, is_uri
 from distft.tracking import read_metrics
 
 register_configs()
@@ -36,19 +37,28 @@ def main(cfg: DictConfig) -> None:
         print(f"\ndistft: error: {e}\n", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
+    if summary["status"] == "stopped":
+        print(f"\ndistft: stopped ({summary['error']}) after a checkpoint; rerun the same command to resume\n",
+              file=sys.stderr)
+        sys.exit(3)
     if summary["status"] != "completed":
         sys.exit(1)
 
 
 def launch(cfg: DictConfig) -> dict:
-    cfg.run.storage_path = str(Path(to_absolute_path(cfg.run.storage_path)))
+    if not is_uri(cfg.run.storage_path):
+        cfg.run.storage_path = str(Path(to_absolute_path(cfg.run.storage_path)))
+    if cfg.run.resume_from is not None and not is_uri(cfg.run.resume_from):
+        cfg.run.resume_from = str(Path(to_absolute_path(cfg.run.resume_from)))
     if cfg.data.path is not None:
         cfg.data.path = to_absolute_path(cfg.data.path)
     validate_config(cfg)
     if cfg.preflight:  # its own directory: a preflight checkpoint must never become the real run's resume point
         cfg.run.name = f"{cfg.run.name}-preflight-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    _refuse_completed(run_dir)
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name)
+    run_dir = storage.local_dir  # this process writes here; for a URI it is a staging copy pushed to storage
+    _refuse_completed(storage)
+    resume_from = check_resume_from(cfg.run.resume_from)
 
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
     if not address:  # a local cluster will have exactly this machine's resources: check before starting it
@@ -60,23 +70,114 @@ def launch(cfg: DictConfig) -> dict:
     init_ray(cfg, address)
     validate_cluster(cfg, ray.cluster_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(storage)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    storage.push("config.yaml")
 
-    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, plan=plan)
+    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, storage=storage, resume_from=resume_from,
+                            plan=plan)
+    from distft import preemption
+
+    stop_actor = preemption.create_stop_actor(cfg.run.name)
+    preemption.install_driver_handler(stop_actor)
     started = time.time()
     status, error = "completed", None
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the summary records the cause
-        status, error = "failed", _root_cause(e)
+        status, error = "failed", failure_message(e, max_failures=cfg.run.max_failures)
         print(f"\ndistft: training failed: {error}\n", file=sys.stderr)
-    summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started, plan=plan)
+    finally:
+        preemption.restore_driver_handler()
+        ray.kill(stop_actor)
+    storage.pull("metrics.jsonl", "train_result.json")
+    summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started,
+                            plan=plan)
+    if storage.remote:
+        summary["run_dir"] = storage.uri
+        if summary["export_dir"]:
+            summary["export_dir"] = storage.location("export")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.push("summary.json")
     if cfg.preflight:
         from distft.plan.preflight import write_preflight
 
         write_preflight(run_dir, summary=summary, plan=plan)
+        storage.push("preflight.json")
     return summary
+
+
+def check_resume_from(path: str | None):
+    """The checkpoint named by run.resume_from, checked now: an explicitly requested bad checkpoint fails loudly."""
+    if path is None:
+        return None
+    from ray.train import Checkpoint
+
+    from distft.checkpoint import check_checkpoint
+    from distft.storage import resolve_filesystem
+
+    filesystem, fs_path = resolve_filesystem(path)
+    problem = check_checkpoint(fs_path, filesystem)
+    if problem:
+        raise UserError(f"run.resume_from={path} is not a usable checkpoint: {problem}. Point it at a complete "
+                        "checkpoint_NNNNNN directory of an earlier run (it holds distft_checkpoint.json)")
+    return Checkpoint(fs_path, filesystem=filesystem)
+
+
+def check_shared_storage(storage: RunStorage) -> None:
+    """Multi-node runs write checkpoints from every node: a local path must be the same shared directory on all of
+    them. A probe file written here must be visible from every other alive node (checked by a tiny Ray task)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if storage.remote or len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = storage.local_dir / f".distft_storage_probe_{os.getpid()}_{time.time_ns()}"
+    probe.write_text("")
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.exists)
+        checks = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": sees.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes}
+        blind = [node for node, ref in checks.items() if not ray.get(ref, timeout=120)]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise UserError(
+            f"run.storage_path={storage.storage_path} is node-local ({_mount_type(storage.local_dir)} on this node): "
+            f"the Ray cluster has {len(nodes)} nodes and {', '.join(blind)} cannot see it. Multi-node runs need "
+            "storage every node shares: an NFS/Lustre mount present on all nodes, or a cloud URI such as "
+            "run.storage_path=s3://BUCKET/runs or gs://BUCKET/runs"
+        )
+
+
+def _mount_type(path: Path) -> str:
+    """Filesystem type of the mount holding `path` (from /proc/mounts), for error messages."""
+    best, fstype = "", "unknown filesystem"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, kind, *_ = line.split()
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, fstype = mount, f"{kind} mounted at {mount}"
+    except OSError:
+        pass
+    return fstype
+
+
+def failure_message(error: Exception, *, max_failures: int) -> str:
+    """What failed, where: the failing rank(s) and the root cause, and how many restarts were allowed."""
+    from ray.train import WorkerGroupError
+
+    retries = f"run.max_failures={max_failures} restart(s) allowed"
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        by_cause: dict[str, list[str]] = {}
+        for rank, exc in sorted(error.worker_failures.items()):
+            by_cause.setdefault(_root_cause(exc), []).append(str(rank))
+        parts = [f"rank{'s' if len(r) > 1 else ''} {', '.join(r)}: {cause}" for cause, r in by_cause.items()]
+        return f"worker {'; '.join(parts)} ({retries})"
+    return f"{_root_cause(error)} ({retries})"
 
 
 def run_plan(cfg: DictConfig, model_dir: str) -> dict | None:
@@ -107,7 +208,11 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Workers checkpoint on SIGTERM (distft.preemption) unless the job's runtime env has a setup hook already.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        hook = {} if "worker_process_setup_hook" in job_env else \
+            {"runtime_env": {"worker_process_setup_hook": "distft.preemption.setup_worker_process"}}
+        ray.init(address=address, log_to_driver=True, **hook)
         return
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
@@ -115,13 +220,19 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
 
 def quiet_local_workers() -> None:
     """Local clusters run without the dashboard, so Ray Train's placement-group cleaner cannot reach the state
-    API and warns every few seconds; the warning is noise there (the driver cleans up on exit)."""
+    API and warns every few seconds; the warning is noise there (the driver cleans up on exit).
+    Also the SIGTERM handling of distft.preemption."""
     import logging
+
+    from distft.preemption import setup_worker_process
+
+    setup_worker_process()
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, plan: dict | None = None):
+def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: RunStorage | None = None,
+                  resume_from=None, plan: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -140,15 +251,18 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, plan: dict 
     }
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU workers
+    storage = storage or RunStorage(cfg.run.storage_path, cfg.run.name)
     return TorchTrainer(
         train_worker,
+        resume_from_checkpoint=resume_from,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
                            "model_dir": model_dir, "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage.root,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             worker_runtime_env={"env_vars": env},
@@ -161,6 +275,8 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
     """summary.json: the contract other tools (report, plan, CI) read. Keys are stable; values are measured."""
     result_path = run_dir / "train_result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() and status == "completed" else {}
+    if result.get("stopped"):  # a stop request (SIGTERM, preemption) ended the run after a checkpoint
+        status, error = "stopped", result["stopped"]
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     losses = [r["loss"] for r in rows if "loss" in r]
     return {
@@ -192,15 +308,16 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
         # The planner's prediction next to the measured per-worker peaks (python -m distft.plan explains it).
         "plan": None if plan is None else {**plan,
                                            "measured_peak_bytes_per_worker": result.get("peak_memory_bytes_per_worker")},
+        "worker_nodes": result.get("worker_nodes"),
+        "resume_warning": result.get("resume_warning"),
     }
 
 
-def _refuse_completed(run_dir: Path) -> None:
-    summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+def _refuse_completed(storage: RunStorage) -> None:
+    if storage.exists("summary.json") and json.loads(storage.read_text("summary.json")).get("status") == "completed":
         raise UserError(
-            f"run '{run_dir.name}' already completed ({summary}); pick a new run.name=... to start another run, "
-            "or delete that directory"
+            f"run '{storage.name}' already completed ({storage.location('summary.json')}); pick a new run.name=... "
+            "to start another run, or delete that directory"
         )
 
 

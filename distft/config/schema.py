@@ -166,12 +166,15 @@ class RunConfig:
     """Where the run lives and how Ray treats it."""
 
     name: str = "${model.name}-${method.name}-${strategy.name}"
-    storage_path: str = "runs"  # relative paths are resolved against the directory the command was started in
+    # Local or shared (NFS) path, or a pyarrow URI (s3://bucket/prefix, gs://bucket/prefix). Relative paths are
+    # resolved against the directory the command was started in. Multi-node runs need storage every node sees.
+    storage_path: str = "runs"
     address: Optional[str] = None  # Ray address ("auto", "ray://..."); None: RAY_ADDRESS or a new local cluster
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     num_to_keep: int = 2  # checkpoints kept (the newest ones)
     export: bool = True
     env: Dict[str, str] = field(default_factory=dict)  # extra environment variables for the workers
+    resume_from: Optional[str] = None  # a checkpoint dir (path or URI) to start from when the run has none of its own
 
 
 @dataclass

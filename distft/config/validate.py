@@ -86,11 +86,10 @@ def validate_config(cfg) -> None:
     # data and storage
     if d.path is not None and not Path(d.path).exists():
         problems.append(f"data.path={d.path} does not exist; point it at a directory with train.jsonl and test.jsonl")
-    if "://" in cfg.run.storage_path:
-        problems.append(
-            f"run.storage_path={cfg.run.storage_path}: cloud storage is not supported yet; use a local or shared "
-            "filesystem path"
-        )
+    if cfg.run.num_to_keep < 1:
+        problems.append(f"run.num_to_keep={cfg.run.num_to_keep} must be at least 1 (the checkpoint to resume from)")
+    if cfg.run.max_failures < -1:
+        problems.append(f"run.max_failures={cfg.run.max_failures} must be -1 (retry forever), 0 or more")
     if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
         problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
     if cfg.strategy.name in STRATEGIES:

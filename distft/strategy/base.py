@@ -1,8 +1,9 @@
 """The one interface the training loop sees. DDP, FSDP and DeepSpeed differ only behind it."""
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

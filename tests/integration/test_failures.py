@@ -1,0 +1,141 @@
+"""Failures a big run meets, on 2 Ray CPU workers with a tiny random Llama (slow tier).
+
+Already covered in test_train_ray.py: a worker killed mid-run resumes to the identical curve
+(`test_worker_killed_mid_run_resumes_to_the_identical_loss_curve`), and rerunning a failed run, i.e. the state a
+killed driver leaves behind, resumes (`test_rerunning_a_failed_run_resumes_instead_of_starting_over`).
+Runs are combined where honest: each test below checks several failures on one chain of runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distft.checkpoint import check_checkpoint, read_meta
+from distft.errors import UserError
+from tests.conftest import REPO
+from tests.integration.conftest import curve, run_tiny
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("eval.enabled=false",)  # 6 steps, a checkpoint every 2
+NO_EXPORT = "run.export=false"
+
+
+@pytest.fixture(scope="module")
+def clean_curve(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[int, float]:
+    summary = run_tiny(tmp_path_factory.mktemp("clean"), gsm8k_dir, "clean", "full", *COMMON, NO_EXPORT)
+    assert summary["status"] == "completed", summary["error"]
+    return curve(summary["run_dir"])
+
+
+def _checkpoints(run_dir: Path) -> dict[str, str | None]:
+    return {p.name: check_checkpoint(p) for p in sorted(run_dir.glob("checkpoint_*")) if p.is_dir()}
+
+
+def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_storage(
+        tmp_path, gsm8k_dir, ray_cluster, clean_curve, monkeypatch):
+    """NaN loss stops before the optimizer step, twice (max_failures=1), and the error names rank and cause; no
+    checkpoint of the NaN step exists. Then the latest checkpoint is truncated: an explicit resume_from of it fails
+    loudly, and the rerun falls back to the previous complete one, with a warning, to the identical curve. The run
+    lives behind a file:// URI, so storage goes through pyarrow and the staging copy."""
+    storage = f"file://{tmp_path}/store"
+    run_dir = tmp_path / "store" / "nan"
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:0:nan")  # rank 0's loss at step 5 is NaN, on every attempt
+    started = time.time()
+    failed = run_tiny(tmp_path, gsm8k_dir, "nan", "full", *COMMON, f"run.storage_path={storage}",
+                      "run.max_failures=1")
+    assert time.time() - started < 300  # no hang
+    assert failed["status"] == "failed"
+    assert "ranks 0, 1: FloatingPointError: loss is nan at step 5; stopped before the optimizer step" in failed["error"]
+    assert "run.max_failures=1" in failed["error"]
+    assert failed["run_dir"] == f"{storage}/nan"
+    on_disk = json.loads((run_dir / "summary.json").read_text())  # uploaded to the URI
+    assert on_disk["status"] == "failed" and on_disk["error"] == failed["error"]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
+    # only complete checkpoints of steps before the NaN; the second attempt resumed from step 4 and wrote nothing
+    assert _checkpoints(run_dir) == {"checkpoint_000002": None, "checkpoint_000004": None}
+    assert [read_meta(run_dir / c)["step"] for c in ("checkpoint_000002", "checkpoint_000004")] == [2, 4]
+    assert sorted(curve(str(run_dir))) == [1, 2, 3, 4]
+
+    # a crash while a checkpoint is copied / a damaged latest checkpoint: truncate one rank's file
+    bad = run_dir / "checkpoint_000004" / "rank1_state.pt"
+    bad.write_bytes(bad.read_bytes()[:100])
+    assert "truncated" in check_checkpoint(run_dir / "checkpoint_000004")
+    with pytest.raises(UserError, match=r"run.resume_from=.*checkpoint_000004 is not a usable checkpoint.*rank1_state"):
+        run_tiny(tmp_path, gsm8k_dir, "from-bad", "full", *COMMON, NO_EXPORT, f"run.storage_path={storage}",
+                 f"run.resume_from={storage}/nan/checkpoint_000004")
+
+    monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
+    rerun = run_tiny(tmp_path, gsm8k_dir, "nan", "full", *COMMON, f"run.storage_path={storage}")
+    assert rerun["status"] == "completed", rerun["error"]
+    assert rerun["resumed_from"] == f"{storage}/nan/checkpoint_000002"
+    assert "checkpoint_000004" in rerun["resume_warning"] and "incomplete" in rerun["resume_warning"]
+    assert curve(str(run_dir)) == clean_curve
+    # retention (num_to_keep=2) kept only complete checkpoints, and every one Ray still lists exists
+    kept = _checkpoints(run_dir)
+    assert len(kept) == 2 and all(problem is None for problem in kept.values()), kept
+    assert max(read_meta(run_dir / c)["step"] for c in kept) == 6
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    for name in kept:
+        assert name in snapshot
+    # distft's own files reached the URI: export, summary pointing at it
+    assert rerun["export_dir"] == f"{storage}/nan/export"
+    assert (run_dir / "export" / "model.safetensors").exists() and (run_dir / "train_result.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def _tiny_command(tmp_path: Path, gsm8k_dir: Path, name: str) -> list[str]:
+    """The same run as `run_tiny(..., "full", *COMMON)`, as a command line."""
+    return [sys.executable, "-m", "distft.train", "+experiment=gsm8k_full", "model=tiny_llama", "hardware=cpu",
+            f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",
+            "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2",
+            "trainer.warmup_steps=1", "trainer.lr=3e-3", "trainer.progress_bar=false", "eval.loss_examples=16",
+            "eval.gsm8k_examples=4", "eval.max_new_tokens=8", "eval.at_start=true", "scaling.num_workers=2",
+            *COMMON, NO_EXPORT]
+
+
+def test_sigterm_to_the_driver_and_to_a_worker_checkpoints_at_the_step_boundary(
+        tmp_path, gsm8k_dir, ray_cluster, clean_curve, monkeypatch):
+    """Preemption notices: SIGTERM to the driver (as `ray job stop`, SLURM or Kubernetes send it), then SIGTERM to
+    a worker process. Each time every rank saves the same step and the run exits cleanly as `stopped`; rerunning
+    the same command resumes from that checkpoint, and the final curve equals the uninterrupted one."""
+    import ray
+
+    run_dir = tmp_path / "pre"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(_tiny_command(tmp_path, gsm8k_dir, "pre"), cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and curve(str(run_dir))) and time.time() < deadline:
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)  # after step 1 at the earliest
+    output, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 3, output[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "SIGTERM received by the driver" in summary["error"]
+    stop_step = summary["steps"]
+    assert 1 <= stop_step <= 4  # well before the worker's SIGTERM below, at step 5
+    kept = _checkpoints(run_dir)
+    assert kept[f"checkpoint_{stop_step:06d}"] is None  # saved at the step boundary, complete
+    assert "rerun the same command to resume" in output
+
+    # the rerun resumes from it; now rank 1 receives SIGTERM at step 5 (a worker-side preemption)
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1:sigterm")
+    second = run_tiny(tmp_path, gsm8k_dir, "pre", "full", *COMMON, NO_EXPORT)
+    assert second["status"] == "stopped", second["error"]
+    assert second["error"] == "SIGTERM received by a worker"
+    assert second["resumed_from"].endswith(f"checkpoint_{stop_step:06d}")
+    assert second["steps"] == 5 and _checkpoints(run_dir)["checkpoint_000005"] is None
+
+    monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
+    third = run_tiny(tmp_path, gsm8k_dir, "pre", "full", *COMMON, NO_EXPORT)
+    assert third["status"] == "completed", third["error"]
+    assert third["resumed_from"].endswith("checkpoint_000005")
+    assert curve(str(run_dir)) == clean_curve
