@@ -30,7 +30,17 @@ PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_T
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    _multirun_run_dir(cfg)
     try:
+        if cfg.compare.enabled:
+            from hydra.core.hydra_config import HydraConfig
+
+            from distft.compare import run_compare
+
+            record = run_compare(cfg, list(HydraConfig.get().overrides.task))
+            print(json.dumps({n: a["status"] for n, a in record["arms"].items()} | {"report": record.get("report")},
+                             indent=2))
+            sys.exit(0 if all(a["status"] == "completed" for a in record["arms"].values()) else 1)
         summary = launch(cfg)
     except UserError as e:
         print(f"\ndistft: error: {e}\n", file=sys.stderr)
@@ -38,6 +48,18 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
     if summary["status"] != "completed":
         sys.exit(1)
+
+
+def _multirun_run_dir(cfg: DictConfig) -> None:
+    """Under `-m`, each job's run directory is the one Hydra made for it (hydra.sweep.subdir is
+    `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    run_dir = Path(HydraConfig.get().runtime.output_dir).parent
+    cfg.run.storage_path, cfg.run.name = str(run_dir.parent), run_dir.name
 
 
 def launch(cfg: DictConfig) -> dict:
@@ -86,12 +108,18 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        if address or not _STARTED_LOCAL or ray.cluster_resources().get("CPU", 0) >= local_resources(cfg)["CPU"]:
+            return
+        ray.shutdown()  # a multirun job needs more CPUs than the local cluster an earlier job started
     if address:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
+    _STARTED_LOCAL.append(True)
+
+
+_STARTED_LOCAL: list[bool] = []  # non-empty once init_ray started a local cluster in this process
 
 
 def quiet_local_workers() -> None:
