@@ -30,7 +30,7 @@ PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_T
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    _multirun_run_dir(cfg)
+    multirun = _multirun_run_dir(cfg)
     try:
         if cfg.compare.enabled:
             from hydra.core.hydra_config import HydraConfig
@@ -40,26 +40,39 @@ def main(cfg: DictConfig) -> None:
             record = run_compare(cfg, list(HydraConfig.get().overrides.task))
             print(json.dumps({n: a["status"] for n, a in record["arms"].items()} | {"report": record.get("report")},
                              indent=2))
-            sys.exit(0 if all(a["status"] == "completed" for a in record["arms"].values()) else 1)
+            if not multirun and any(a["status"] != "completed" for a in record["arms"].values()):
+                sys.exit(1)
+            return
         summary = launch(cfg)
     except UserError as e:
         print(f"\ndistft: error: {e}\n", file=sys.stderr)
+        if multirun:  # the other jobs of the sweep go on; the report shows this one as failed, with the reason
+            _write_failed_summary(cfg, str(e))
+            return
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
-    if summary["status"] != "completed":
+    if summary["status"] != "completed" and not multirun:
         sys.exit(1)
 
 
-def _multirun_run_dir(cfg: DictConfig) -> None:
+def _write_failed_summary(cfg: DictConfig, error: str) -> None:
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "failed", "error": error, "run_name": cfg.run.name, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _multirun_run_dir(cfg: DictConfig) -> bool:
     """Under `-m`, each job's run directory is the one Hydra made for it (hydra.sweep.subdir is
     `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
+        return False
     run_dir = Path(HydraConfig.get().runtime.output_dir).parent
     cfg.run.storage_path, cfg.run.name = str(run_dir.parent), run_dir.name
+    return True
 
 
 def launch(cfg: DictConfig) -> dict:
