@@ -56,11 +56,14 @@ def load_run(run_dir: Path, *, error: str | None = None) -> Run:
     """Read summary.json and config.yaml; a directory without a summary is `failed` if training started there
     (config.yaml written), else `missing`."""
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    started = (run_dir / "config.yaml").exists()
+    # A sweep job that never started still has the config Hydra composed for it, so it joins its arm's row.
+    config_path = run_dir / "config.yaml" if started else run_dir / "hydra" / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        status = "failed" if config or error else "missing"
-        return Run(run_dir, status, config=config, error=error or ("no summary.json" if config else "not found"))
+        status = "failed" if started or error else "missing"
+        return Run(run_dir, status, config=config, error=error or ("no summary.json" if started else "no run here"))
     summary = json.loads(summary_path.read_text())
     status = "completed" if summary.get("status") == "completed" else "failed"
     return Run(run_dir, status, summary=summary, config=config, error=summary.get("error") or error)
@@ -96,9 +99,9 @@ def group_arms(runs: list[tuple[str | None, Run]]) -> dict[str, list[Run]]:
     arms: dict[str, list[Run]] = {}
     for name, run in named:
         arms.setdefault(name, []).append(run)
-    varying = [f for f in ARM_FIELDS if len({r.choice(f) for r in loose if r.status != "missing"}) > 1]
+    varying = [f for f in ARM_FIELDS if len({r.choice(f) for r in loose if r.choice(f) is not None}) > 1]
     for run in loose:
-        if run.status == "missing":
+        if run.choice("method") is None:  # nothing says which arm it belongs to
             key = run.run_dir.name
         else:
             key = "-".join(str(run.choice(f)) for f in (varying or ARM_FIELDS[:1]))
