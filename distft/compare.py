@@ -11,6 +11,7 @@ Ray Tune drives them). The report (`distft.report`) follows.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -93,6 +94,8 @@ def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]
                 validate_config(arm_cfg)
             except ConfigError as e:
                 problems += [f"compare.arms.{name}: {p}" for p in e.problems]
+            if cfg.compare.final_eval and not arm_cfg.run.export:
+                problems.append(f"compare.arms.{name}: compare.final_eval=true scores the export, but run.export=false")
             arms[name] = arm_cfg
     if problems:
         raise ConfigError(problems)
@@ -133,11 +136,7 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
         raise ConfigError([f"compare.max_concurrent={cfg.compare.max_concurrent} must be at least 1 (or null)"])
     root = compare_dir(cfg)
     arms = compose_arms(cfg, overrides)
-    first = next(iter(arms.values()))
-    address = first.run.address
-    import os
-
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = next(iter(arms.values())).run.address or os.environ.get("RAY_ADDRESS")
     if not address:  # check each arm fits a local cluster before starting one
         _each_arm(arms, lambda c: validate_cluster(c, local_resources(c)))
     init_ray(_largest(arms), address)
@@ -159,6 +158,11 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
         _run_concurrently(arms, record, parallel, root)
     record["wall_seconds"] = time.time() - started
     _write(root, record)
+    if cfg.compare.final_eval:
+        for name, arm_cfg in arms.items():
+            if record["arms"][name]["status"] == "completed":
+                record["arms"][name]["final_eval"] = final_eval(arm_cfg, cfg.compare)
+                _write(root, record)
     if cfg.compare.report:
         from distft.report import write_report
 
@@ -180,6 +184,19 @@ def _run_arm(arm_cfg: DictConfig) -> dict:
     except UserError as e:
         return {"status": "failed", "error": str(e)}
     return {"status": summary["status"], "error": summary["error"]}
+
+
+def final_eval(arm_cfg: DictConfig, compare: DictConfig) -> dict:
+    """GSM8K accuracy of the arm's export over Ray actors (distft.eval), written to <run dir>/eval_gsm8k.json."""
+    from distft.eval.export_eval import evaluate_export, write_result
+
+    run_dir = Path(arm_cfg.run.storage_path) / arm_cfg.run.name
+    s = arm_cfg.scaling
+    result = evaluate_export(run_dir / "export", examples=compare.final_eval_examples,
+                             workers=compare.final_eval_workers or s.num_workers, batch_size=arm_cfg.eval.batch_size,
+                             cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker if s.use_gpu else 0)
+    write_result(result, run_dir / "eval_gsm8k.json")
+    return {k: result[k] for k in ("gsm8k_accuracy", "num_examples", "seconds")}
 
 
 def _run_concurrently(arms: dict[str, DictConfig], record: dict, parallel: int, root: Path) -> None:

@@ -42,7 +42,16 @@ class Run:
 
     @property
     def eval(self) -> dict:
-        return self.summary.get("eval") or {}
+        """The run's final eval; GSM8K numbers from `distft.eval` (eval_gsm8k.json) replace the training-time ones
+        when present (usually more examples)."""
+        out = dict(self.summary.get("eval") or {})
+        final = self.run_dir / "eval_gsm8k.json"
+        if final.exists() and self.status == "completed":
+            result = json.loads(final.read_text())
+            out.update({k: result[k] for k in ("gsm8k_accuracy", "gsm8k_correct", "gsm8k_format_rate",
+                                               "num_examples")})
+            out["source"] = "distft.eval"
+        return out
 
     @property
     def lr(self) -> float | None:

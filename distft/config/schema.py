@@ -182,6 +182,11 @@ class CompareConfig:
     arms: Dict[str, CompareArmConfig] = field(default_factory=dict)  # name -> arm, run in this order
     max_concurrent: Optional[int] = None  # arms at once; None: as many as the Ray cluster has room for
     report: bool = True  # write report.md + plots into the compare directory when the arms finish
+    # After training, score every arm's export with `distft.eval` (Ray actors, independent of the training sharding);
+    # the report then shows that accuracy. None examples: the whole test split; None workers: scaling.num_workers.
+    final_eval: bool = False
+    final_eval_examples: Optional[int] = None
+    final_eval_workers: Optional[int] = None
 
 
 @dataclass

@@ -44,7 +44,9 @@ def rows_by_arm(out_dir: Path) -> dict:
 
 def test_compare_dir_marks_failed_and_missing_arms(tmp_path):
     root = tmp_path / "cmp"
-    make_run(root / "full", method="full", lr=1e-5, correct=3, n=10, price=2.0, ckpt_bytes=4096)
+    make_run(root / "full", method="full", lr=1e-5, correct=1, n=10, price=2.0, ckpt_bytes=4096)
+    final_eval = {"gsm8k_accuracy": 0.3, "gsm8k_correct": 3, "num_examples": 10, "gsm8k_format_rate": 0.5}
+    (root / "full" / "eval_gsm8k.json").write_text(json.dumps(final_eval))  # compare.final_eval: replaces summary's
     make_run(root / "lora", method="lora", lr=1e-4, status="failed")
     arms = {name: {"run_dir": str(root / name), "status": st, "error": err} for name, st, err in
             (("full", "completed", None), ("lora", "failed", "RuntimeError: boom"),
