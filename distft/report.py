@@ -258,6 +258,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     ax.set(xlabel="peak memory per worker (GiB)", ylabel="GSM8K accuracy (95% Wilson CI)",
            title="Accuracy vs peak memory")
     ax.set_ylim(-0.02, 1.02)
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / PLOTS[1]))
 
