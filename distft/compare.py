@@ -130,14 +130,14 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
     import ray
 
     from distft.config import validate_cluster
-    from distft.train import init_ray, local_resources
+    from distft.train import init_ray, local_resources, ray_initialized
 
     if cfg.compare.max_concurrent is not None and cfg.compare.max_concurrent < 1:
         raise ConfigError([f"compare.max_concurrent={cfg.compare.max_concurrent} must be at least 1 (or null)"])
     root = compare_dir(cfg)
     arms = compose_arms(cfg, overrides)
     address = next(iter(arms.values())).run.address or os.environ.get("RAY_ADDRESS")
-    if not address:  # check each arm fits a local cluster before starting one
+    if not address and not ray_initialized():  # check each arm fits a local cluster before starting one
         _each_arm(arms, lambda c: validate_cluster(c, local_resources(c)))
     init_ray(_largest(arms), address)
     _each_arm(arms, lambda c: validate_cluster(c, ray.cluster_resources()))

@@ -84,7 +84,9 @@ def launch(cfg: DictConfig) -> dict:
     _refuse_completed(run_dir)
 
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
-    if not address:  # a local cluster will have exactly this machine's resources: check before starting it
+    # A local cluster will have exactly this machine's resources: check before starting it. Inside a Ray task (compare
+    # arms, sweep jobs) Ray is already up and this process may see no GPU; the cluster check below covers it.
+    if not address and not ray_initialized():
         validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
     import ray
@@ -105,6 +107,12 @@ def launch(cfg: DictConfig) -> dict:
     summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=time.time() - started)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def local_resources(cfg: DictConfig) -> dict:
