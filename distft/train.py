@@ -31,18 +31,53 @@ PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_T
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    multirun = _multirun_run_dir(cfg)
     try:
+        if cfg.compare.enabled:
+            from hydra.core.hydra_config import HydraConfig
+
+            from distft.compare import run_compare
+
+            record = run_compare(cfg, list(HydraConfig.get().overrides.task))
+            print(json.dumps({n: a["status"] for n, a in record["arms"].items()} | {"report": record.get("report")},
+                             indent=2))
+            if not multirun and any(a["status"] != "completed" for a in record["arms"].values()):
+                sys.exit(1)
+            return
         summary = launch(cfg)
     except UserError as e:
         print(f"\ndistft: error: {e}\n", file=sys.stderr)
+        if multirun:  # the other jobs of the sweep go on; the report shows this one as failed, with the reason
+            _write_failed_summary(cfg, str(e))
+            return
         sys.exit(2)
     print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
     if summary["status"] == "stopped":
         print(f"\ndistft: stopped ({summary['error']}) after a checkpoint; rerun the same command to resume\n",
               file=sys.stderr)
         sys.exit(3)
-    if summary["status"] != "completed":
+    if summary["status"] != "completed" and not multirun:
         sys.exit(1)
+
+
+def _write_failed_summary(cfg: DictConfig, error: str) -> None:
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"status": "failed", "error": error, "run_name": cfg.run.name, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _multirun_run_dir(cfg: DictConfig) -> bool:
+    """Under `-m`, each job's run directory is the one Hydra made for it (hydra.sweep.subdir is
+    `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    run_dir = Path(HydraConfig.get().runtime.output_dir).parent
+    cfg.run.storage_path, cfg.run.name = str(run_dir.parent), run_dir.name
+    return True
 
 
 def launch(cfg: DictConfig) -> dict:
@@ -61,7 +96,9 @@ def launch(cfg: DictConfig) -> dict:
     resume_from = check_resume_from(cfg.run.resume_from)
 
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
-    if not address:  # a local cluster will have exactly this machine's resources: check before starting it
+    # A local cluster will have exactly this machine's resources: check before starting it. Inside a Ray task (compare
+    # arms, sweep jobs) Ray is already up and this process may see no GPU; the cluster check below covers it.
+    if not address and not ray_initialized():
         validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
     plan = run_plan(cfg, model_dir)
@@ -191,6 +228,11 @@ def run_plan(cfg: DictConfig, model_dir: str) -> dict | None:
         print(f"distft: warning: no memory plan for this run: {type(e).__name__}: {e}", file=sys.stderr)
         return None
 
+def ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
 
 def local_resources(cfg: DictConfig) -> dict:
     """What a local Ray cluster started by `init_ray` would offer."""
@@ -206,7 +248,9 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        if address or not _STARTED_LOCAL or ray.cluster_resources().get("CPU", 0) >= local_resources(cfg)["CPU"]:
+            return
+        ray.shutdown()  # a multirun job needs more CPUs than the local cluster an earlier job started
     if address:
         # Workers checkpoint on SIGTERM (distft.preemption) unless the job's runtime env has a setup hook already.
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
@@ -216,6 +260,10 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
         return
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
+    _STARTED_LOCAL.append(True)
+
+
+_STARTED_LOCAL: list[bool] = []  # non-empty once init_ray started a local cluster in this process
 
 
 def quiet_local_workers() -> None:

@@ -178,6 +178,31 @@ class RunConfig:
 
 
 @dataclass
+class CompareArmConfig:
+    """One arm of a comparison: the Hydra overrides that make it differ from the others."""
+
+    enabled: bool = True
+    method: Optional[str] = None  # method group choice (full | lora | qlora); None: the command line's method
+    lr: Optional[float] = None  # this arm's trainer.lr; None: trainer.lr or method.default_lr
+    overrides: List[str] = field(default_factory=list)  # more Hydra overrides, e.g. ["strategy=zero3"]
+
+
+@dataclass
+class CompareConfig:
+    """`+experiment=gsm8k_compare`: run every enabled arm on the same data, budget and seeds, then report."""
+
+    enabled: bool = False  # true: `python -m distft.train` runs the arms below instead of one run
+    arms: Dict[str, CompareArmConfig] = field(default_factory=dict)  # name -> arm, run in this order
+    max_concurrent: Optional[int] = None  # arms at once; None: as many as the Ray cluster has room for
+    report: bool = True  # write report.md + plots into the compare directory when the arms finish
+    # After training, score every arm's export with `distft.eval` (Ray actors, independent of the training sharding);
+    # the report then shows that accuracy. None examples: the whole test split; None workers: scaling.num_workers.
+    final_eval: bool = False
+    final_eval_examples: Optional[int] = None
+    final_eval_workers: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -190,6 +215,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preflight: bool = False  # one real step, checkpoint save and reload, measured vs planned memory; then stop
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def register_configs() -> None:

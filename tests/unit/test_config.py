@@ -23,9 +23,15 @@ def test_the_contract_experiments_exist():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("hardware", [[], ["model=smollm2_135m", "hardware=cpu"]])
 def test_experiments_compose_and_validate(experiment, hardware, gsm8k_dir):
-    cfg = compose_cfg([f"+experiment={experiment}", f"data.path={gsm8k_dir}", *hardware])
+    overrides = [f"+experiment={experiment}", f"data.path={gsm8k_dir}", *hardware]
+    cfg = compose_cfg(overrides)
     validate_config(cfg)
-    assert cfg.method.name == experiment.split("_", 1)[1]
+    if cfg.compare.enabled:  # a comparison: every arm composes and validates too
+        from distft.compare import compose_arms
+
+        assert [a.method.name for a in compose_arms(cfg, overrides).values()] == ["full", "lora", "qlora"]
+    else:
+        assert cfg.method.name == experiment.split("_", 1)[1]
     if hardware:
         assert cfg.model.source == "embedded" and not cfg.scaling.use_gpu and cfg.trainer.max_steps
 
