@@ -109,7 +109,7 @@ def report(path: Path) -> str:
     results = json.loads(path.read_text())
     gib = 2**30
     lines = ["| model | strategy | method | predicted peak / worker | measured (rank 0, rank 1) | measured / predicted |"
-             " of which runtime baseline | weights + states | activations |",
+             " of which runtime (+ CPU load staging) | weights + states | activations |",
              "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for key, run in results["runs"].items():

@@ -28,6 +28,7 @@ PROMPT_TOKENS = 256
 # Runtime memory of a CPU worker process before any model (Python, torch, transformers, Ray, gloo), and what the
 # libraries imported later add; measured by `python bench/bench_plan.py --baseline` (docs/benchmarks.md).
 CPU_RUNTIME_BYTES = {"base": int(0.45 * GiB), "transformers": int(0.16 * GiB), "deepspeed": int(0.17 * GiB)}
+CPU_LOAD_STAGING_BYTES = 4  # per parameter: the fp32 checkpoint tensors staged while loading
 # GPU: memory outside torch's allocator counts against the card but not against max_memory_allocated.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/NCCL workspaces (docs/planner.md, sources)
 ALLOCATOR_OVERHEAD = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
@@ -174,6 +175,11 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
     autocast_copies = n_total * 2 if family == "ddp" and method == "full" and pb == 2 else 0  # bf16 weight cache
 
     runtime = cpu_runtime_bytes(family, method) if accelerator == "cpu" else 0
+    if accelerator == "cpu" and not (family == "ddp" and method == "full"):
+        # CPU only: loading stages a copy of the checkpoint's (fp32) weights that the C allocator keeps resident
+        # after it is freed; only tensors of the same shapes reuse it (DDP full fine-tuning's gradients and
+        # AdamW moments). Added after the first SmolLM2 LoRA and FSDP measurements (docs/benchmarks.md).
+        runtime += n_total * CPU_LOAD_STAGING_BYTES
     train = {"weights": weights, "lora": lora_w, "gradients": grads, "optimizer": optimizer,
              "sharding_buffers": buffers, "activations": acts + autocast_copies, "runtime": runtime}
     steady = weights + lora_w + optimizer + runtime + (buffers if family == "ddp" else 0)
