@@ -64,8 +64,11 @@ def _strategy_options(cfg) -> dict:
         for key in ("prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold"):
             if f"stage3_{key}" in z:
                 zero[f"stage3_{key}"] = z[f"stage3_{key}"]
+    # strategy.rank0_load None means on for FSDP / ZeRO-3 unless the base is 4-bit (distft.strategy.fsdp/deepspeed)
+    sharded = s.name.startswith("fsdp") or (s.name.startswith("zero") and s.zero_stage == 3)
+    rank0_load = sharded and cfg.method.name != "qlora" and s.get("rank0_load") is not False
     return dict(zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
-                cpu_offload=s.cpu_offload, zero_config=zero)
+                cpu_offload=s.cpu_offload, zero_config=zero, rank0_load=rank0_load)
 
 
 def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None = None,

@@ -74,7 +74,8 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
                     cpu_offload: bool = False, zero_config: dict | None = None, lora_r: int = 16,
                     lora_dropout: float = 0.05, target_modules=("all-linear",), double_quant: bool = True,
                     accelerator: str = "cuda", eval_enabled: bool = True, eval_batch_size: int = 16,
-                    max_new_tokens: int = 256, export: bool = True, gpus_per_node: int = 8) -> MemoryPlan:
+                    max_new_tokens: int = 256, export: bool = True, gpus_per_node: int = 8,
+                    rank0_load: bool = False) -> MemoryPlan:
     family = "deepspeed" if strategy.startswith("zero") else "fsdp" if strategy.startswith("fsdp") else "ddp"
     zc = {**ZERO_DEFAULTS, **(zero_config or {})}
     pb = 2 if precision in ("bf16", "fp16") else 4  # compute dtype bytes
@@ -200,12 +201,27 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
         host_per_node = gpus_per_node * per_worker_host
         if offload_params or cpu_offload or offload_optimizer:
             host_per_node += gpus_per_node * host_offloaded
-    if shard:
+    load_phase = {"rank0": load, "other": load}
+    if shard and rank0_load:
+        # strategy.rank0_load: rank 0 reads the weights into host memory, the other ranks start from meta tensors
+        # and receive only their shards (FSDP: broadcast one tensor at a time; ZeRO-3: zero.Init partitions each
+        # layer as it is built), so a device holds its shard plus about one full tensor (the embedding) in flight.
+        in_flight = shape.vocab * shape.hidden * load_dtype_bytes
+        other = weights + lora_w + in_flight + runtime
+        load_phase = {"rank0": load if accelerator == "cpu" else other, "other": other}
+        if accelerator == "cpu":
+            host_per_node = load + (gpus_per_node - 1) * other
+        else:
+            host_per_node = load_device + (gpus_per_node * host_offloaded
+                                           if offload_params or cpu_offload or offload_optimizer else 0)
+        notes.append(f"load: rank 0 reads the model ({load_device / GiB:.1f} GiB) into host memory; the other ranks "
+                     "start from empty tensors and receive their shards (strategy.rank0_load)")
+    elif shard:
         notes.append(f"load: each worker holds the full model ({load_device / GiB:.1f} GiB) on its device before "
                      "sharding (distft.model.load_model), so the model must fit one device at load")
 
     # --- eval / generation ------------------------------------------------------------------------------------
-    phases = {"load": {"rank0": load, "other": load}, "train": {"rank0": train_peak, "other": train_peak}}
+    phases = {"load": load_phase, "train": {"rank0": train_peak, "other": train_peak}}
     if eval_enabled:
         kv = 2 * shape.layers * shape.kv_dim * pb * eval_batch_size * (min(PROMPT_TOKENS, seq_len) + max_new_tokens)
         gathered = 0

@@ -153,8 +153,9 @@ def test_qlora_micro_batch_1_matches_published_memory(model, published_gb):
 
 def test_llama2_70b_full_on_32_24gb_gpus_needs_optimizer_offload():
     """70B full fine-tuning on 32 x 24 GB: ZeRO-3 model states alone are 16 x 69B / 32 = 34.5 GB per GPU; with the
-    optimizer offloaded (ZeRO-Offload) the training step fits. The load phase does not fit either way, because
-    distft loads the whole model on each device before sharding; the planner says so."""
+    optimizer offloaded (ZeRO-Offload) the training step fits. Loading fits only because rank 0 reads the weights
+    and the others receive their shards (strategy.rank0_load, the default); without it every device would hold the
+    whole model before sharding, and the planner says so."""
     base = ["+experiment=gsm8k_full", "model=llama2_70b", "scaling.num_workers=32", "hardware.gpu_memory_gb=24",
             "trainer.micro_batch_size=1", "trainer.global_batch_size=32", "trainer.gradient_checkpointing=true",
             *NO_EVAL]
@@ -163,8 +164,12 @@ def test_llama2_70b_full_on_32_24gb_gpus_needs_optimizer_offload():
     offload = plan_config(compose_cfg([*base, "strategy=zero3", "strategy.offload_optimizer=true"]))
     assert plain.memory.phases["train"]["rank0"] > capacity
     assert offload.memory.phases["train"]["rank0"] < capacity
-    assert offload.memory.phases["load"]["rank0"] > capacity and offload.fits is False
-    assert any("before sharding" in n for n in offload.memory.notes)
+    assert offload.memory.phases["load"]["other"] < capacity and offload.fits is True
+    assert any("rank0_load" in n for n in offload.memory.notes)
+    everywhere = plan_config(compose_cfg([*base, "strategy=zero3", "strategy.offload_optimizer=true",
+                                          "strategy.rank0_load=false"]))
+    assert everywhere.memory.phases["load"]["rank0"] > capacity and everywhere.fits is False
+    assert any("before sharding" in n for n in everywhere.memory.notes)
 
 
 # --- behaviour across settings -----------------------------------------------------------------------------
