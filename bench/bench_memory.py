@@ -189,7 +189,8 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
     strategy_module = sys.modules[strategy_class(cfg.strategy.name).__module__]
     if "deepspeed" in strategy_module.__name__:
         import deepspeed  # noqa: F401  (imported before the baseline, like every other library)
-    strategy = build_strategy(cfg.strategy.name, device=torch.device("cpu"), precision="fp32", micro_batch_size=1,
+    precision = case.get("precision", "fp32")  # bf16: mixed precision as on GPUs (fp32 master weights kept)
+    strategy = build_strategy(cfg.strategy.name, device=torch.device("cpu"), precision=precision, micro_batch_size=1,
                               grad_accum=1, options=OmegaConf.to_container(cfg.strategy, resolve=True))
     dist.barrier()
     gc.collect()
@@ -218,7 +219,8 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
 
         def forward_backward():
             with strategy.sync_context(sync=True):
-                logits = strategy.model(input_ids=ids, use_cache=False).logits
+                with strategy.forward_context():
+                    logits = strategy.model(input_ids=ids, use_cache=False).logits
                 loss = causal_lm_loss_sum(logits, ids) / ids.numel()
                 strategy.backward(loss)
             return float(loss.detach())
@@ -276,6 +278,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", default=",".join(TRAIN_STRATEGIES))
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: mixed precision as on GPUs (the weights stay fp32 masters)")
     parser.add_argument("--model", default="smollm2_135m", help="conf/model preset (tiny_llama for a smoke test)")
     parser.add_argument("--load", action="store_true", help="host memory at load, rank0_load off vs on")
     parser.add_argument("--out", type=Path)
@@ -288,7 +292,8 @@ def main() -> None:
     res = {"command": command, "machine": machine(), "mode": "load" if args.load else "train", "runs": []}
     cases = ([{"strategy": s, "rank0_load": r, "load_only": True, "seq_len": 0, "model": args.model}
               for s, r in LOAD_CASES] if args.load
-             else [{"strategy": s, "rank0_load": None, "load_only": False, "seq_len": args.seq_len, "model": args.model}
+             else [{"strategy": s, "rank0_load": None, "load_only": False, "seq_len": args.seq_len, "model": args.model,
+               "precision": args.precision}
                    for s in args.strategies.split(",")])
     for case in cases:
         t0 = time.time()
