@@ -1,8 +1,8 @@
 """Failures a big run meets, on 2 Ray CPU workers with a tiny random Llama (slow tier).
 
 Already covered in test_train_ray.py: a worker killed mid-run resumes to the identical curve
-(`test_worker_killed_mid_run_resumes_to_the_identical_loss_curve`), and rerunning a failed run, i.e. the state a
-killed driver leaves behind, resumes (`test_rerunning_a_failed_run_resumes_instead_of_starting_over`).
+(`test_worker_killed_mid_run_resumes_to_the_identical_loss_curve`). Rerunning a failed run, i.e. the state a
+killed driver leaves behind, resumes: the last run of the NaN chain below (same name and storage after a failed run).
 Runs are combined where honest: each test below checks several failures on one chain of runs.
 """
 

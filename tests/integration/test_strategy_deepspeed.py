@@ -49,9 +49,13 @@ def deadline(seconds: int):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_zero_stage_reproduces_the_ddp_loss_curve(strategy, method, tmp_path, gsm8k_dir, ray_cluster,
                                                   ddp_parity_curves):
-    summary = run_tiny(tmp_path, gsm8k_dir, f"{strategy}-{method}", method, *zero(strategy), *PARITY)
+    # export on (after training, so the curve is unaffected): every stage x method must round-trip its export
+    summary = run_tiny(tmp_path, gsm8k_dir, f"{strategy}-{method}", method, *zero(strategy), *PARITY,
+                       "run.export=true")
     assert summary["status"] == "completed", summary["error"]
     assert_curves_close(curve(summary["run_dir"]), ddp_parity_curves[method], rel=1e-4)
+    assert summary["export_check"]["ok"]
+    reload_export_and_compare(Path(summary["run_dir"]), Path(summary["export_dir"]), method, atol=1e-4)
     if method == "full":
         # clipping at trainer.max_grad_norm=1.0 was exercised (and matched DDP, or the curves would differ)
         from distft.tracking import read_metrics
@@ -127,6 +131,19 @@ def test_export_reloads_with_plain_transformers_and_peft(strategy, method, tmp_p
         assert all(t.numel() > 0 for t in adapter.values()), {k: t.shape for k, t in adapter.items()}
         assert sum(t.numel() for t in adapter.values()) == summary["trainable_params"]
         assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained, not the zero init
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero3_offload", "fsdp_offload"])
+def test_qlora_export_round_trips_under_the_other_strategies(strategy, tmp_path, gsm8k_dir, ray_cluster):
+    """QLoRA under the strategies the export test above and the FSDP tests leave out: trains, exports a non-empty
+    adapter, and the adapter on the 4-bit base reproduces the trained logits."""
+    summary = run_tiny(tmp_path, gsm8k_dir, f"q-{strategy}", "qlora", *zero(strategy), "eval.enabled=false",
+                       "trainer.max_steps=4")
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["export_check"]["ok"]
+    reload_export_and_compare(Path(summary["run_dir"]), Path(summary["export_dir"]), "qlora", atol=2e-3)
+    adapter = load_file(str(Path(summary["export_dir"]) / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in adapter.values()) == summary["trainable_params"] > 0
 
 
 def _generate_unevenly(rank: int, port: int, model_dir: str, out_dir: str) -> None:
