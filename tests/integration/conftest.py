@@ -83,3 +83,28 @@ def reload_export_and_compare(run_dir: Path, export: Path, method: str, atol: fl
     assert torch.allclose(logits, probe["logits"], atol=atol), (logits - probe["logits"]).abs().max()
     assert (export / "tokenizer.json").exists()  # the tokenizer travels with the export
     return model, probe
+
+
+def spawn_two_ranks(target, out_dir: Path, what: str) -> None:
+    """Run `target(rank, port, tiny_model_dir, out_dir)` as two spawned torch.distributed ranks; fail (not hang)
+    if either does not finish within 10 minutes or exits non-zero."""
+    import multiprocessing
+    import random
+
+    from omegaconf import OmegaConf
+
+    from distft.model import resolve_model_dir
+
+    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
+    ctx = multiprocessing.get_context("spawn")
+    port = random.randint(20000, 60000)
+    procs = [ctx.Process(target=target, args=(r, port, model_dir, str(out_dir))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{what} hung"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

@@ -17,7 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.conftest import PARITY, assert_curves_close, curve, reload_export_and_compare, run_tiny
+from tests.integration.conftest import (
+    PARITY,
+    assert_curves_close,
+    curve,
+    reload_export_and_compare,
+    run_tiny,
+    spawn_two_ranks,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -184,27 +191,7 @@ def _generate_unevenly(rank: int, port: int, model_dir: str, out_dir: str) -> No
 def test_zero3_generation_needs_no_collectives(tmp_path):
     """Ranks that decode different numbers of tokens (the ZeRO-3 + `generate` hang) finish, with the same text as
     the unsharded model."""
-    import multiprocessing
-    import random
-
-    from omegaconf import OmegaConf
-
-    from distft.model import resolve_model_dir
-    from tests.conftest import compose_cfg
-
-    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
-    ctx = multiprocessing.get_context("spawn")
-    port = random.randint(20000, 60000)
-    procs = [ctx.Process(target=_generate_unevenly, args=(r, port, model_dir, str(tmp_path))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, "generation under ZeRO-3 hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_two_ranks(_generate_unevenly, tmp_path, "generation under ZeRO-3")
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["text"] == out["reference"] and out["partitioned"]

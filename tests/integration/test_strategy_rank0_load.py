@@ -6,11 +6,12 @@ to keep the cost to one process start-up.
 """
 
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.integration.conftest import spawn_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -81,27 +82,8 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[int, dict]:
-    import multiprocessing
-
-    from omegaconf import OmegaConf
-
-    from distft.model import resolve_model_dir
-    from tests.conftest import compose_cfg
-
     out = tmp_path_factory.mktemp("rank0-load")
-    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
-    ctx = multiprocessing.get_context("spawn")
-    port = random.randint(20000, 60000)
-    procs = [ctx.Process(target=_worker, args=(r, port, model_dir, str(out))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, "rank-0 loading hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_two_ranks(_worker, out, "rank-0 loading")
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
 
