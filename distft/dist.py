@@ -1,5 +1,6 @@
 """Small collective helpers that also work in a single process without a process group."""
 
+import os
 import resource
 
 import torch
@@ -37,3 +38,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA bytes allocated, or the resident set of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

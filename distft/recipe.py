@@ -158,7 +158,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     precision = trainer.precision
     compute_dtype = method.compute_dtype or precision
     preflight = bool(cfg.get("preflight", False))  # one step, save, reload, report memory, stop
-    memory_at_start = current_memory_bytes(device)  # the runtime before any model: the planner's CPU baseline
+    memory_at_start = dist.current_memory_bytes(device)  # the runtime before any model: the planner's CPU baseline
 
     # --- model and method ---------------------------------------------------------------------------------
     torch.manual_seed(trainer.seed)  # identical LoRA init on every rank
@@ -342,8 +342,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
                 merge_adapter(model_dir, export_dir, export_dir / "merged", dtype=load_dtype("lora", compute_dtype))
         dist.barrier()
 
-    peak = dist.all_reduce(dist.peak_memory_bytes(device), device, op="max")
     peaks = dist.all_gather_objects(int(dist.peak_memory_bytes(device)))
+    peak = max(peaks)
     starts = dist.all_gather_objects(memory_at_start)
     result = {
         "steps": step,
@@ -376,14 +376,6 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
                                "plan/measured_peak_bytes": int(peak), "plan/fits": plan.get("fits")})
             wandb.finish()
     return result
-
-
-def current_memory_bytes(device: torch.device) -> int:
-    """Memory in use now: CUDA bytes allocated, or the resident set of this process on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _preflight_reload(strategy, *, run_dir: Path, rank: int, world: int, step: int, device: torch.device,
