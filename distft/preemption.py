@@ -97,17 +97,23 @@ def create_stop_actor(run_name: str):
 
 
 def poll_stop_actor(run_name: str):
-    """A callable for rank 0: the driver's stop reason, or None. Cheap (one actor call per step)."""
+    """A callable for rank 0: the driver's stop reason, or None. Never waits: one request is always in flight and
+    each step only looks whether its answer has arrived (a stop is seen a step or so after the driver sets it)."""
     import ray
 
     try:
         actor = ray.get_actor(STOP_ACTOR_PREFIX + run_name)
     except ValueError:  # run_training called outside `distft.train` (tests, benchmarks)
         return lambda: None
+    pending = [actor.get.remote()]
 
     def poll():
+        ready, _ = ray.wait(pending, timeout=0)
+        if not ready:
+            return None
+        pending[0] = actor.get.remote()
         try:
-            return ray.get(actor.get.remote(), timeout=30)
+            return ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 - a lost flag must never stop training; SIGTERM still works
             log.warning("cannot read the driver's stop flag (%s); going on", type(e).__name__)
             return None
