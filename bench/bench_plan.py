@@ -28,12 +28,30 @@ SHORT = ("trainer.max_steps=2", "eval.enabled=false", "run.export=false", "train
          "trainer.progress_bar=false", "data.max_train_examples=64", "scaling.num_workers=2")
 
 
-def overrides(model: str, strategy: str, method: str, storage: Path, gsm8k: str) -> list[str]:
+# The same runs with evaluation (loss + GSM8K generation at the preset's batch size and answer length) and export
+# on, to check the eval/generation and export phases too.
+WITH_EVAL_EXPORT = ("eval.enabled=true", "eval.at_start=false", "eval.loss_examples=16", "eval.gsm8k_examples=16",
+                    "run.export=true")
+
+
+def overrides(model: str, strategy: str, method: str, storage: Path, gsm8k: str, extra: tuple = ()) -> list[str]:
+    name = f"{model}-{strategy}-{method}" + ("-eval-export" if extra else "")
     return [f"+experiment=gsm8k_{method}", f"model={model}", "hardware=cpu", f"strategy={strategy}",
-            f"data.path={gsm8k}", f"run.storage_path={storage}", f"run.name={model}-{strategy}-{method}", *SHORT]
+            f"data.path={gsm8k}", f"run.storage_path={storage}", f"run.name={name}", *SHORT, *extra]
 
 
-def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None) -> None:
+def cells(eval_export: bool):
+    """(key, model, strategy, method, extra overrides) of every bench run."""
+    for model in MODELS:
+        for strategy in STRATEGIES:
+            for method in METHODS:
+                yield f"{model}/{strategy}/{method}", model, strategy, method, ()
+    if eval_export:
+        for strategy in STRATEGIES:
+            yield f"smollm2_135m/{strategy}/lora/eval+export", "smollm2_135m", strategy, "lora", WITH_EVAL_EXPORT
+
+
+def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_export: bool) -> None:
     import ray
 
     from distft.train import launch
@@ -44,31 +62,30 @@ def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None) -> Non
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count()}
-    for model in MODELS:
-        for strategy in STRATEGIES:
-            for method in METHODS:
-                key = f"{model}/{strategy}/{method}"
-                if only and not any(o in key for o in only):
-                    continue
-                ov = overrides(model, strategy, method, storage, gsm8k)
-                run_dir = storage / f"{model}-{strategy}-{method}"
-                if run_dir.exists():
-                    import shutil
+    for key, model, strategy, method, extra in cells(eval_export):
+        if only and not any(o in key for o in only):
+            continue
+        ov = overrides(model, strategy, method, storage, gsm8k, extra)
+        cfg = compose_cfg(ov)
+        run_dir = storage / cfg.run.name
+        if run_dir.exists():
+            import shutil
 
-                    shutil.rmtree(run_dir)
-                t0 = time.time()
-                summary = launch(compose_cfg(ov))
-                result_path = Path(summary["run_dir"]) / "train_result.json"
-                result = json.loads(result_path.read_text()) if result_path.exists() else {}
-                results["runs"][key] = {
-                    "overrides": ov, "status": summary["status"], "error": summary["error"],
-                    "wall_seconds": time.time() - t0,
-                    "peak_memory_bytes_per_worker": result.get("peak_memory_bytes_per_worker"),
-                    "memory_at_start_bytes_per_worker": result.get("memory_at_start_bytes_per_worker"),
-                    "plan_at_run_time": summary.get("plan"),
-                }
-                print(key, summary["status"], result.get("peak_memory_bytes_per_worker"), flush=True)
-                out.write_text(json.dumps(results, indent=2))
+            shutil.rmtree(run_dir)
+        t0 = time.time()
+        summary = launch(cfg)
+        result_path = Path(summary["run_dir"]) / "train_result.json"
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+        results["runs"][key] = {
+            "overrides": ov, "status": summary["status"], "error": summary["error"],
+            "wall_seconds": time.time() - t0,
+            "peak_memory_bytes_per_worker": result.get("peak_memory_bytes_per_worker"),
+            "peak_memory_bytes_by_phase": result.get("peak_memory_bytes_by_phase"),
+            "memory_at_start_bytes_per_worker": result.get("memory_at_start_bytes_per_worker"),
+            "plan_at_run_time": summary.get("plan"),
+        }
+        print(key, summary["status"], result.get("peak_memory_bytes_per_worker"), flush=True)
+        out.write_text(json.dumps(results, indent=2))
     ray.shutdown()
 
 
@@ -79,7 +96,9 @@ def measure_baseline(out: Path) -> None:
     load a model), so here a Ray task imports exactly what a worker imports and reports its resident set."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # the same allocator setting as a hardware=cpu run's workers (conf/hardware/cpu.yaml)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072"}})
 
     @ray.remote(num_cpus=1)
     def rss_after(modules: list[str]) -> int:
@@ -109,13 +128,17 @@ def report(path: Path) -> str:
     results = json.loads(path.read_text())
     gib = 2**30
     lines = ["| model | strategy | method | predicted peak / worker | measured (rank 0, rank 1) | measured / predicted |"
-             " of which runtime (+ CPU load staging) | weights + states | activations |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             " of which runtime | mapped weights file | weights + states | activations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    phase_lines = ["| model | strategy | method | load | prepare (no prediction) | train | save | eval / generation | export |",
+                   "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for key, run in results["runs"].items():
-        model, strategy, method = key.split("/")
+        model, strategy, method = key.split("/")[:3]
+        if key.endswith("/eval+export"):
+            method += " + eval, export"
         if run["status"] != "completed":
-            lines.append(f"| {model} | {strategy} | {method} | – | failed: {run['error']} | – | – | – | – |")
+            lines.append(f"| {model} | {strategy} | {method} | – | failed: {run['error']} | – | – | – | – | – |")
             continue
         plan = plan_config(compose_cfg(run["overrides"]))
         measured = run["peak_memory_bytes_per_worker"]
@@ -128,10 +151,24 @@ def report(path: Path) -> str:
         lines.append(
             f"| {model} | {strategy} | {method} | {pred / gib:.2f} GiB | "
             f"{', '.join(f'{m / gib:.2f}' for m in measured)} GiB | "
-            f"{', '.join(f'{r:.2f}' for r in ratios)} | {c['runtime'] / gib:.2f} GiB | {states / gib:.2f} GiB | "
-            f"{c['activations'] / gib:.2f} GiB |")
+            f"{', '.join(f'{r:.2f}' for r in ratios)} | {c['runtime'] / gib:.2f} GiB | "
+            f"{c['checkpoint_file'] / gib:.2f} GiB | {states / gib:.2f} GiB | {c['activations'] / gib:.2f} GiB |")
+        by_phase = run.get("peak_memory_bytes_by_phase") or {}
+        cells = []
+        for phase in ("load", "prepare", "train", "save", "eval", "export"):
+            if phase not in by_phase:
+                cells.append("–")
+                continue
+            if phase not in plan.memory.phases:
+                cells.append(" / ".join(f"{m / gib:.2f}" for m in by_phase[phase]))
+                continue
+            predicted = [plan.memory.phases[phase]["rank0" if rank == 0 else "other"] for rank in range(len(measured))]
+            cells.append(" / ".join(f"{m / gib:.2f} ({m / p:.2f})" for m, p in zip(by_phase[phase], predicted,
+                                                                                    strict=True)))
+        phase_lines.append(f"| {model} | {strategy} | {method} | {' | '.join(cells)} |")
     lines.append("")
     lines.append(f"Largest deviation: {worst * 100:.1f}% of the prediction.")
+    lines += ["", "Per phase (rank 0 / rank 1): measured peak GiB (measured / predicted)", "", *phase_lines]
     return "\n".join(lines)
 
 
@@ -142,6 +179,8 @@ def main() -> None:
     parser.add_argument("--gsm8k", default=os.environ.get("GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k")))
     parser.add_argument("--only", nargs="*", help="run only cells whose model/strategy/method contains one of these")
     parser.add_argument("--baseline", action="store_true", help="measure the runtime baseline of a worker")
+    parser.add_argument("--eval-export", action="store_true",
+                        help="also run SmolLM2 LoRA under each strategy with eval and export on (their phases)")
     parser.add_argument("--report", type=Path, help="print the markdown table for a results file")
     args = parser.parse_args()
     if args.report:
@@ -149,7 +188,7 @@ def main() -> None:
     elif args.baseline:
         measure_baseline(args.out)
     else:
-        run_all(args.out, args.storage, args.gsm8k, args.only)
+        run_all(args.out, args.storage, args.gsm8k, args.only, args.eval_export)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import os
 import resource
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -46,3 +47,45 @@ def current_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.memory_allocated(device))
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak from the memory in use now. False where the platform cannot (then peaks stay cumulative)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM, and with it ru_maxrss)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """This worker's peak memory in each phase of a run (load, eval, train, save, export, ...), for the planner's
+    per-phase predictions: at each phase change the peak is read, attributed to the phase that ends, and reset."""
+
+    def __init__(self, device: torch.device, phase: str = "load"):
+        self.device, self.phase = device, phase
+        self.peaks: dict[str, int] = {}
+        self.resettable = reset_peak_memory(device)
+
+    def switch(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), peak_memory_bytes(self.device))
+        self.resettable = reset_peak_memory(self.device) and self.resettable
+        self.phase = phase
+
+    @contextmanager
+    def during(self, phase: str):
+        previous = self.phase
+        self.switch(phase)
+        try:
+            yield
+        finally:
+            self.switch(previous)
+
+    def finish(self) -> tuple[int, dict[str, int] | None]:
+        """(peak of the whole run, peak of each phase); phases are None where peaks could not be reset."""
+        self.switch(self.phase)
+        return max(self.peaks.values()), dict(self.peaks) if self.resettable else None

@@ -62,7 +62,8 @@ def train_worker(config: dict) -> None:
                          sync=storage.push if rank == 0 else None,
                          should_stop=lambda: preemption.stop_reason() or driver_stop(),
                          resumed_from=_checkpoint_location(checkpoint, storage), worker_nodes=nodes,
-                         resume_warning=resume_warning, plan=config.get("plan"))
+                         resume_warning=resume_warning, plan=config.get("plan"),
+                         fetch_checkpoint=lambda step: _stored_checkpoint(storage, step, name_suffix))
     finally:
         preemption.training_finished()
 
@@ -125,6 +126,15 @@ def _checkpoint_location(checkpoint, storage) -> str | None:
     return checkpoint.path
 
 
+def _stored_checkpoint(storage, step: int, name_suffix: str):
+    """The checkpoint of `step` as Ray persisted it, at its storage location (a local path, or a URI that is
+    downloaded while the context is open) — what a restarted run would load."""
+    import ray.train
+
+    name = f"checkpoint_{step:06d}{name_suffix}"
+    return ray.train.Checkpoint(f"{storage.fs_path}/{name}", filesystem=storage.filesystem), storage.location(name)
+
+
 def _ray_report(metrics: dict, ckpt_dir: Path, step: int, name_suffix: str = "") -> None:
     import ray.train
 
@@ -148,9 +158,11 @@ def load_dtype(method: str, precision: str) -> str:
 
 def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, device: torch.device,
                  resume_dir: Path | None, report, plan: dict | None = None, sync=None, should_stop=None, resumed_from: str | None = None,
-                 worker_nodes: int | None = None, resume_warning: str | None = None) -> dict:
+                 worker_nodes: int | None = None, resume_warning: str | None = None,
+                 fetch_checkpoint=None) -> dict:
     """The whole run on one worker. `sync(*names)` uploads files of run_dir to the run's storage (rank 0; None when
-    run_dir is the storage); `should_stop()` returns a reason to checkpoint and stop at the next step boundary."""
+    run_dir is the storage); `should_stop()` returns a reason to checkpoint and stop at the next step boundary;
+    `fetch_checkpoint(step)` returns (ray.train.Checkpoint, location) of a checkpoint this run reported (preflight)."""
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
@@ -159,6 +171,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     compute_dtype = method.compute_dtype or precision
     preflight = bool(cfg.get("preflight", False))  # one step, save, reload, report memory, stop
     memory_at_start = dist.current_memory_bytes(device)  # the runtime before any model: the planner's CPU baseline
+    memory = dist.PhasePeaks(device, "load")  # peaks per phase, next to the planner's phases
 
     # --- model and method ---------------------------------------------------------------------------------
     torch.manual_seed(trainer.seed)  # identical LoRA init on every rank
@@ -202,6 +215,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     # --- strategy, optimizer, schedule --------------------------------------------------------------------
     lr = trainer.lr if trainer.lr is not None else method.default_lr
     warmup = trainer.warmup_steps if trainer.warmup_steps is not None else math.ceil(trainer.warmup_ratio * max_steps)
+    memory.switch("prepare")  # wrapping, optimizer states, DeepSpeed's buckets (no phase of the plan's own)
     strategy.prepare(
         model,
         build_optimizer=lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,
@@ -240,7 +254,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
 
     eval_start = None
     if cfg.eval.enabled and cfg.eval.at_start and step == 0:
-        eval_start = evaluate_now()
+        with memory.during("eval"):
+            eval_start = evaluate_now()
         if rank == 0:
             _write_json(run_dir / "eval_start.json", eval_start)
             _sync(sync, "eval_start.json")
@@ -249,6 +264,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
     stream = batches.forever()
     fault = _fault_step(rank)
     model.train()
+    memory.switch("train")
     step_times: list[float] = []
     step_tokens: list[int] = []
     stopped = None
@@ -302,7 +318,8 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
             stopped = dist.all_gather_objects(reason)
             stopped = next((r for r in stopped if r), "stop requested")
         if step % trainer.checkpoint_every == 0 or step == max_steps or stopped or preflight:
-            _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, {"loss": loss})
+            with memory.during("save"):
+                _save_and_report(strategy, batches, run_dir, rank, world, step, cfg, report, {"loss": loss})
             _sync(sync, "metrics.jsonl")
         if stopped:
             log.warning("%s: checkpoint of step %d saved; stopping (rerun the same command to resume)", stopped, step)
@@ -320,15 +337,24 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         return result
 
     if preflight:
-        return _preflight_reload(strategy, run_dir=run_dir, rank=rank, world=world, step=step, device=device,
-                                 memory_at_start=memory_at_start, loss=loss, trainable_params=trainable_params,
-                                 total_params=total_params)
+        memory.switch("reload")
+        result = _preflight_reload(strategy, checkpoint=fetch_checkpoint(step), rank=rank, world=world, step=step,
+                                   device=device, memory=memory, memory_at_start=memory_at_start, loss=loss,
+                                   trainable_params=trainable_params, total_params=total_params)
+        if rank == 0:
+            _write_json(run_dir / "train_result.json", result)
+            _sync(sync, "train_result.json")
+        return result
 
     # --- evaluate and export ------------------------------------------------------------------------------
-    eval_end = evaluate_now() if cfg.eval.enabled else None
+    eval_end = None
+    if cfg.eval.enabled:
+        memory.switch("eval")
+        eval_end = evaluate_now()
     export_dir = run_dir / "export"
     export_info = None
     if cfg.run.export:
+        memory.switch("export")
         # Every rank takes part: sharded strategies gather weights collectively for both steps.
         probe = torch.tensor([train_rows[0].input_ids[:128]])
         trained_logits = probe_logits(strategy, probe, device)
@@ -342,7 +368,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
                 merge_adapter(model_dir, export_dir, export_dir / "merged", dtype=load_dtype("lora", compute_dtype))
         dist.barrier()
 
-    peaks = dist.all_gather_objects(int(dist.peak_memory_bytes(device)))
+    peaks, by_phase = _gather_peaks(memory)
     peak = max(peaks)
     starts = dist.all_gather_objects(memory_at_start)
     result = {
@@ -354,6 +380,7 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
         "tokens_per_second": steady_throughput(step_tokens, step_times),
         "peak_memory_bytes": int(peak),
         "peak_memory_bytes_per_worker": peaks,
+        "peak_memory_bytes_by_phase": by_phase,
         "memory_at_start_bytes_per_worker": starts,
         "trainable_params": trainable_params,
         "total_params": total_params,
@@ -373,39 +400,48 @@ def run_training(cfg, *, run_dir: Path, model_dir: str, rank: int, world: int, d
             wandb.summary({k: v for k, v in (eval_end or {}).items() if isinstance(v, (int, float))})
             if plan:  # the planner's prediction next to what was measured, so every run checks the planner
                 wandb.summary({"plan/predicted_peak_bytes": plan.get("peak_bytes"),
-                               "plan/measured_peak_bytes": int(peak), "plan/fits": plan.get("fits")})
+                               "plan/measured_peak_bytes": int(peak), "plan/fits": plan.get("fits"),
+                               **{f"plan/{phase}/predicted_peak_bytes": max(p.values())
+                                  for phase, p in plan.get("phases", {}).items()},
+                               **{f"plan/{phase}/measured_peak_bytes": max(v) for phase, v in (by_phase or {}).items()}})
             wandb.finish()
     return result
 
 
-def _preflight_reload(strategy, *, run_dir: Path, rank: int, world: int, step: int, device: torch.device,
-                      memory_at_start: int, loss: float, trainable_params: int, total_params: int) -> dict:
+def _preflight_reload(strategy, *, checkpoint, rank: int, world: int, step: int, device: torch.device,
+                      memory: dist.PhasePeaks, memory_at_start: int, loss: float, trainable_params: int,
+                      total_params: int) -> dict:
     """Preflight's second half: reload the checkpoint step 1 just saved (from the run's storage, as a restart
     would) into the strategy, check the trainable weights survived the round trip, and report memory per worker."""
-    dist.barrier()  # every rank has returned from report: all its files are in storage
-    ckpt_dir = run_dir / f"checkpoint_{step:06d}"
-    deadline = time.time() + 120
-    while check_checkpoint(ckpt_dir) and time.time() < deadline:
-        time.sleep(1)
+    checkpoint, location = checkpoint
+    dist.barrier()  # every rank has returned from ray.train.report: its files are in storage
     before = _trainable_checksum(strategy, device)
     with torch.no_grad():  # a reload must overwrite the weights: disturb them first
         for p in strategy.unwrap().parameters():
             if p.requires_grad:
                 _local_tensor(p).add_(1.0)
-    load_checkpoint(ckpt_dir, strategy=strategy, rank=rank, world_size=world)
+    with checkpoint.as_directory() as ckpt_dir:  # downloaded when storage is a URI
+        load_checkpoint(Path(ckpt_dir), strategy=strategy, rank=rank, world_size=world)
     after = _trainable_checksum(strategy, device)
-    peaks = dist.all_gather_objects(int(dist.peak_memory_bytes(device)))
-    result = {
+    peaks, by_phase = _gather_peaks(memory)
+    return {
         "steps": step, "preflight": True, "train_loss_first_step": loss,
         "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_worker": peaks,
+        "peak_memory_bytes_by_phase": by_phase,
         "memory_at_start_bytes_per_worker": dist.all_gather_objects(memory_at_start),
         "trainable_params": trainable_params, "total_params": total_params,
-        "checkpoint": str(ckpt_dir), "reloaded": True,
+        "checkpoint": location, "reloaded": True,
         "reload_checksum": {"saved": before, "reloaded": after, "equal": before == after},
     }
-    if rank == 0:
-        _write_json(run_dir / "train_result.json", result)
-    return result
+
+
+def _gather_peaks(memory: dist.PhasePeaks) -> tuple[list[int], dict[str, list[int]] | None]:
+    """Every worker's peak of the whole run, and per phase {phase: [per worker]} (None where not measurable)."""
+    gathered = dist.all_gather_objects(memory.finish())
+    peaks = [peak for peak, _ in gathered]
+    if any(phases is None for _, phases in gathered):
+        return peaks, None
+    return peaks, {phase: [phases.get(phase, 0) for _, phases in gathered] for phase in gathered[0][1]}
 
 
 def _trainable_checksum(strategy, device: torch.device) -> float:

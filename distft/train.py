@@ -139,7 +139,7 @@ def launch(cfg: DictConfig) -> dict:
     if cfg.preflight:
         from distft.plan.preflight import write_preflight
 
-        write_preflight(run_dir, summary=summary, plan=plan)
+        write_preflight(run_dir, summary=summary, plan=plan, location=storage.uri if storage.remote else None)
         storage.push("preflight.json")
     return summary
 
@@ -354,8 +354,9 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
         "data": result.get("data"),
         "resumed_from": result.get("resumed_from"),
         # The planner's prediction next to the measured per-worker peaks (python -m distft.plan explains it).
-        "plan": None if plan is None else {**plan,
-                                           "measured_peak_bytes_per_worker": result.get("peak_memory_bytes_per_worker")},
+        "plan": None if plan is None else {
+            **plan, "measured_peak_bytes_per_worker": result.get("peak_memory_bytes_per_worker"),
+            "measured_phases": result.get("peak_memory_bytes_by_phase")},  # {phase: [per worker]}, next to "phases"
         "worker_nodes": result.get("worker_nodes"),
         "resume_warning": result.get("resume_warning"),
     }

@@ -87,7 +87,8 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
         target_modules=list(m.target_modules), double_quant=m.double_quant, accelerator=accelerator,
         eval_enabled=cfg.eval.enabled, eval_batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens, export=cfg.run.export,
-        gpus_per_node=hw.gpus_per_node if accelerator == "cuda" else world, **_strategy_options(cfg))
+        gpus_per_node=hw.gpus_per_node if accelerator == "cuda" else world,
+        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env, **_strategy_options(cfg))
     if accelerator == "cuda":
         capacity = int(hw.gpu_memory_gb * GiB) if hw.gpu_memory_gb else None
         need = int(mem.peak_bytes * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES

@@ -60,7 +60,8 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     out.append("memory per worker, training step (GiB)")
     labels = {"weights": "weights", "lora": "LoRA parameters", "gradients": "gradients",
               "optimizer": "optimizer states", "sharding_buffers": "sharding / communication buffers",
-              "activations": "activations", "runtime": "runtime (CPU process baseline)"}
+              "activations": "activations", "runtime": "runtime (CPU process baseline)",
+              "checkpoint_file": "mapped weights file (CPU)"}
     for key, label in labels.items():
         out.append(f"  {label:<34} {gib(mem.train[key]):>9}")
     out.append(f"  {'total':<34} {gib(sum(mem.train.values())):>9}")

@@ -28,7 +28,6 @@ PROMPT_TOKENS = 256
 # Runtime memory of a CPU worker process before any model (Python, torch, transformers, Ray, gloo), and what the
 # libraries imported later add; measured by `python bench/bench_plan.py --baseline` (docs/benchmarks.md).
 CPU_RUNTIME_BYTES = {"base": int(0.45 * GiB), "transformers": int(0.16 * GiB), "deepspeed": int(0.17 * GiB)}
-CPU_LOAD_STAGING_BYTES = 4  # per parameter: the fp32 checkpoint tensors staged while loading
 # GPU: memory outside torch's allocator counts against the card but not against max_memory_allocated.
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/NCCL workspaces (docs/planner.md, sources)
 ALLOCATOR_OVERHEAD = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
@@ -75,7 +74,7 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
                     lora_dropout: float = 0.05, target_modules=("all-linear",), double_quant: bool = True,
                     accelerator: str = "cuda", eval_enabled: bool = True, eval_batch_size: int = 16,
                     max_new_tokens: int = 256, export: bool = True, gpus_per_node: int = 8,
-                    rank0_load: bool = False) -> MemoryPlan:
+                    rank0_load: bool = False, cpu_malloc_pinned: bool = True) -> MemoryPlan:
     family = "deepspeed" if strategy.startswith("zero") else "fsdp" if strategy.startswith("fsdp") else "ddp"
     zc = {**ZERO_DEFAULTS, **(zero_config or {})}
     pb = 2 if precision in ("bf16", "fp16") else 4  # compute dtype bytes
@@ -176,14 +175,16 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
     autocast_copies = n_total * 2 if family == "ddp" and method == "full" and pb == 2 else 0  # bf16 weight cache
 
     runtime = cpu_runtime_bytes(family, method) if accelerator == "cpu" else 0
-    if accelerator == "cpu" and not (family == "ddp" and method == "full"):
-        # CPU only: loading stages a copy of the checkpoint's (fp32) weights that the C allocator keeps resident
-        # after it is freed; only tensors of the same shapes reuse it (DDP full fine-tuning's gradients and
-        # AdamW moments). Added after the first SmolLM2 LoRA and FSDP measurements (docs/benchmarks.md).
-        runtime += n_total * CPU_LOAD_STAGING_BYTES
+    mapped_load, mapped = _checkpoint_file_pages(shape, method, family, pb, quant) if accelerator == "cpu" else (0, 0)
+    if accelerator == "cpu" and not cpu_malloc_pinned:
+        # glibc raises its mmap threshold after the first large free, and freed heap memory then stays resident:
+        # peak RSS exceeds peak live bytes by an amount that depends on allocation order (docs/benchmarks.md)
+        notes.append("CPU: run.env.MALLOC_MMAP_THRESHOLD_ is not set (hardware=cpu sets it), so glibc keeps freed "
+                     "memory resident: measured peaks were up to 1.6x this prediction without it")
     train = {"weights": weights, "lora": lora_w, "gradients": grads, "optimizer": optimizer,
-             "sharding_buffers": buffers, "activations": acts + autocast_copies, "runtime": runtime}
-    steady = weights + lora_w + optimizer + runtime + (buffers if family == "ddp" else 0)
+             "sharding_buffers": buffers, "activations": acts + autocast_copies, "runtime": runtime,
+             "checkpoint_file": mapped}
+    steady = weights + lora_w + optimizer + runtime + mapped + (buffers if family == "ddp" else 0)
     if family == "deepspeed":
         steady += grads + buffers  # ZeRO's gradient partitions and buckets persist between steps
     train_peak = sum(train.values())
@@ -192,7 +193,7 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
     # (distft.model.load_model: from_pretrained, then .to(device); QLoRA quantises while loading with device_map)
     load_dtype_bytes = 4 if method == "full" else pb
     load_device = int(quant * qb + (n_total - quant) * pb) if method == "qlora" else n_total * load_dtype_bytes
-    load = load_device + runtime
+    load = load_device + runtime + mapped_load
     if accelerator == "cpu":
         host_per_node = gpus_per_node * load  # CPU workers: the model lives in host memory
     else:
@@ -277,6 +278,22 @@ def activation_bytes(shape: ModelShape, *, method: str, micro_batch_size: int, s
         # only each layer's input is kept; one layer's activations are recomputed at a time during backward
         return L * tokens * d * act_bytes + layer + head
     return L * layer + head
+
+
+def _checkpoint_file_pages(shape: ModelShape, method: str, family: str, pb: int, quant: int) -> tuple[int, int]:
+    """CPU: pages of the weights file in a worker's resident memory beyond the tensors already counted, at load and
+    afterwards. from_pretrained memory-maps the safetensors file; tensors kept in the file's dtype are views into it
+    (zero copy), so every page read while loading (all of them: QLoRA quantises every linear, a dtype change copies
+    every tensor) stays resident — as clean, reclaimable page cache, which RSS counts — for as long as one view
+    lives. DDP keeps the views; FSDP and ZeRO-3 replace every parameter by a copy of its shard and drop them.
+    Found by reading /proc/self/smaps of a QLoRA worker (docs/benchmarks.md)."""
+    n = shape.total_params()
+    file_bytes = n * shape.checkpoint_bytes
+    load_bytes = 4 if method == "full" else pb  # distft.recipe.load_dtype
+    kept = (n - quant) * load_bytes  # parameters loaded unquantised (all but QLoRA's 4-bit linears)
+    views = kept if load_bytes == shape.checkpoint_bytes else 0
+    extra = file_bytes - views
+    return extra, extra if views and family == "ddp" else 0
 
 
 def cpu_runtime_bytes(family: str, method: str) -> int:

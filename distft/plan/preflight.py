@@ -6,8 +6,9 @@ from pathlib import Path
 from distft.plan.memory import GiB
 
 
-def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None) -> dict:
-    """Write `run_dir/preflight.json` and print a per-worker table of predicted vs measured peak memory."""
+def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None, location: str | None = None) -> dict:
+    """Write `run_dir/preflight.json` and print a per-worker table of predicted vs measured peak memory.
+    `location`: where the run lives when run_dir is a staging copy of a URI."""
     result_path = run_dir / "train_result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     measured = result.get("peak_memory_bytes_per_worker") or []
@@ -18,11 +19,13 @@ def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None) -> dict:
     report = {
         "status": summary["status"],
         "error": summary["error"],
-        "run_dir": str(run_dir),
+        "run_dir": location or str(run_dir),
         "measured_as": plan["measured_as"] if plan else None,
         "measured_peak_bytes_per_worker": measured,
         "predicted_peak_bytes_per_worker": predicted,
         "ratio_measured_to_predicted": [m / p for m, p in zip(measured, predicted, strict=True)] if predicted else None,
+        # per phase: what each worker measured and what the plan predicted for it (reload has no prediction)
+        "phases": _phases(result.get("peak_memory_bytes_by_phase"), plan),
         "predicted_full_run_peak_bytes": plan["peak_bytes"] if plan else None,
         "predicted_fits": plan["fits"] if plan else None,
         "plan": plan,
@@ -36,6 +39,16 @@ def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None) -> dict:
     return report
 
 
+def _phases(measured: dict | None, plan: dict | None) -> dict | None:
+    if not measured:
+        return None
+    predicted = (plan or {}).get("phases", {})
+    return {phase: {"measured": values,
+                    "predicted": [predicted[phase]["rank0" if rank == 0 else "other"] for rank in range(len(values))]
+                    if phase in predicted else None}
+            for phase, values in measured.items()}
+
+
 def render_preflight(report: dict) -> str:
     lines = [f"preflight: {report['status']}" + (f" ({report['error']})" if report["error"] else ""),
              "worker   predicted (load/train/save) GiB   measured GiB   measured/predicted"]
@@ -43,6 +56,10 @@ def render_preflight(report: dict) -> str:
         p = report["predicted_peak_bytes_per_worker"][rank] if report["predicted_peak_bytes_per_worker"] else None
         ratio = f"{m / p:.2f}" if p else "–"
         lines.append(f"{rank:>6}   {p / GiB if p else float('nan'):>31.2f}   {m / GiB:>12.2f}   {ratio:>18}")
+    for phase, row in (report.get("phases") or {}).items():
+        predicted = ", ".join(f"{p / GiB:.2f}" for p in row["predicted"]) if row["predicted"] else "–"
+        lines.append(f"  {phase:<7} measured {', '.join(f'{m / GiB:.2f}' for m in row['measured'])} GiB"
+                     f"   predicted {predicted} GiB")
     if report["predicted_full_run_peak_bytes"]:
         lines.append(f"full run (with eval/export) predicted peak: {report['predicted_full_run_peak_bytes'] / GiB:.2f}"
                      f" GiB per worker; fits: {report['predicted_fits']}")

@@ -25,6 +25,7 @@ class ModelShape:
     vocab: int
     tied: bool = False
     head_dim: int | None = None  # None: hidden // heads
+    checkpoint_bytes: int = 2  # bytes per parameter in the weights file (hub Llama checkpoints: bf16/fp16)
 
     @property
     def hd(self) -> int:
@@ -97,7 +98,8 @@ SHAPES = {
     "llama2_7b": ModelShape("llama2_7b", 4096, 11008, 32, 32, 32, 32000),
     "llama2_13b": ModelShape("llama2_13b", 5120, 13824, 40, 40, 40, 32000),
     "llama2_70b": ModelShape("llama2_70b", 8192, 28672, 80, 64, 8, 32000),
-    "smollm2_135m": ModelShape("smollm2_135m", 576, 1536, 30, 9, 3, 49152, tied=True),
+    "smollm2_135m": ModelShape("smollm2_135m", 576, 1536, 30, 9, 3, 49152, tied=True,
+                               checkpoint_bytes=4),  # distft converts the embedded GGUF to fp32 safetensors
 }
 HUB_IDS = {
     "meta-llama/Llama-2-7b-hf": "llama2_7b", "meta-llama/Llama-2-7b-chat-hf": "llama2_7b",
@@ -116,7 +118,8 @@ def shape_from_config_json(path: Path, name: str) -> ModelShape:
     return ModelShape(name=name, hidden=c["hidden_size"], intermediate=c["intermediate_size"],
                       layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                       vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)),
-                      head_dim=c.get("head_dim"))
+                      head_dim=c.get("head_dim"),
+                      checkpoint_bytes=4 if (c.get("dtype") or c.get("torch_dtype")) == "float32" else 2)
 
 
 def model_shape(model_cfg, model_dir: str | None = None) -> ModelShape:
@@ -136,7 +139,8 @@ def model_shape(model_cfg, model_dir: str | None = None) -> ModelShape:
                                    "size offline; set model.vocab_size"])
             vocab = EMBEDDED_VOCAB
         return ModelShape(model_cfg.name, model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers,
-                          model_cfg.num_heads, model_cfg.num_kv_heads, vocab, tied=False)
+                          model_cfg.num_heads, model_cfg.num_kv_heads, vocab, tied=False,
+                          checkpoint_bytes=4)  # distft.model.ensure_random_model saves fp32
     if model_cfg.source == "embedded":
         return SHAPES["smollm2_135m"]
     key = HUB_IDS.get(model_cfg.get("path") or "", model_cfg.name)

@@ -225,9 +225,58 @@ def test_summary_records_plan_next_to_measured_peaks(tmp_path):
     from distft.train import build_summary
 
     cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu"])
-    (tmp_path / "train_result.json").write_text(json.dumps({"peak_memory_bytes_per_worker": [5, 6], "steps": 1}))
+    (tmp_path / "train_result.json").write_text(json.dumps({"peak_memory_bytes_per_worker": [5, 6], "steps": 1,
+                                                            "peak_memory_bytes_by_phase": {"train": [5, 6]}}))
     summary = build_summary(cfg, tmp_path, status="completed", error=None, wall_seconds=1.0,
                             plan=predict_run(cfg))
     assert summary["plan"]["measured_peak_bytes_per_worker"] == [5, 6]
+    assert summary["plan"]["measured_phases"] == {"train": [5, 6]}  # next to the predicted "phases"
+    assert set(summary["plan"]["phases"]) >= {"load", "train", "save"}
     assert summary["plan"]["peak_bytes"] > 0
     assert build_summary(cfg, tmp_path, status="completed", error=None, wall_seconds=1.0)["plan"] is None
+
+
+# --- CPU-only terms ----------------------------------------------------------------------------------------
+
+def test_cpu_preset_pins_the_malloc_threshold_and_the_plan_says_when_it_is_not():
+    cfg = compose_cfg(["+experiment=gsm8k_qlora", "model=smollm2_135m", "hardware=cpu"])
+    assert cfg.run.env["MALLOC_MMAP_THRESHOLD_"] == "131072"  # reaches the workers through worker_runtime_env
+    assert not any("MALLOC_MMAP_THRESHOLD_" in n for n in plan_config(cfg).memory.notes)
+    unpinned = compose_cfg(["+experiment=gsm8k_qlora", "model=smollm2_135m", "hardware=cpu",
+                            "~run.env.MALLOC_MMAP_THRESHOLD_"])
+    assert any("MALLOC_MMAP_THRESHOLD_ is not set" in n for n in plan_config(unpinned).memory.notes)
+
+
+@pytest.mark.parametrize("strategy, method, kept", [
+    ("ddp", "qlora", True),  # 4-bit copies of the linears; the fp32 embeddings stay views, so the file stays mapped
+    ("fsdp", "qlora", False),  # sharding copies every parameter: the mapping goes
+    ("zero3", "qlora", False),
+    ("ddp", "lora", False),  # the frozen fp32 base *is* the file's pages: counted once, as weights
+    ("ddp", "full", False),
+])
+def test_mapped_weights_file_on_cpu(strategy, method, kept):
+    cfg = compose_cfg([f"+experiment=gsm8k_{method}", "model=smollm2_135m", "hardware=cpu", f"strategy={strategy}"])
+    plan = plan_config(cfg)
+    n = plan.memory.total_params
+    quant = plan.shape.quantized_params() if method == "qlora" else 0
+    expected = n * 4 - (n - quant) * 4  # the file's fp32 pages beyond the tensors that are views into it
+    assert plan.train["checkpoint_file"] == (expected if kept else 0)
+    gpu = plan_config(compose_cfg([f"+experiment=gsm8k_{method}", "model=smollm2_135m", "hardware=gpu_1x",
+                                   f"strategy={strategy}"]))
+    assert gpu.train["checkpoint_file"] == 0  # device memory: the host mapping does not count
+
+
+def test_phase_peaks_attribute_each_peak_to_its_phase():
+    from distft.dist import PhasePeaks
+
+    memory = PhasePeaks(torch.device("cpu"), "load")
+    big = torch.ones(50_000_000)  # 200 MB, mmapped by glibc at any threshold: returned when freed
+    del big
+    memory.switch("train")
+    with memory.during("save"):
+        small = torch.ones(1_000_000)
+    del small
+    peak, phases = memory.finish()
+    assert set(phases) == {"load", "train", "save"}
+    assert phases["load"] > phases["train"] + 150_000_000 and phases["load"] > phases["save"] + 150_000_000
+    assert peak == phases["load"]
