@@ -6,7 +6,7 @@ peak (resident memory of the worker process, `peak_memory_bytes_per_worker` in t
 with `distft.plan`'s prediction for the same composed config. Predictions are recomputed from the saved configs at
 report time, so the table always reflects the planner in this tree.
 
-    flock /tmp/distft-heavy.lock python bench/bench_plan.py --out bench/results/plan_cpu.json     # ~20 min
+    flock /tmp/distft-heavy.lock python bench/bench_plan.py --eval-export --out bench/results/plan_cpu.json   # ~25 min
     python bench/bench_plan.py --report bench/results/plan_cpu.json                               # the table
 """
 

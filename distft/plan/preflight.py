@@ -12,8 +12,9 @@ def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None, location
     result_path = run_dir / "train_result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     measured = result.get("peak_memory_bytes_per_worker") or []
-    # A preflight runs no evaluation or export: compare with the phases it does run.
-    ran = ("load", "train", "save")
+    # Compare with the phases this preflight ran (no export; eval only with eval.at_start).
+    by_phase = result.get("peak_memory_bytes_by_phase")
+    ran = tuple(by_phase) if by_phase else ("load", "train", "save")
     predicted = [max(plan["phases"][p]["rank0" if rank == 0 else "other"] for p in ran if p in plan["phases"])
                  for rank in range(len(measured))] if plan else []
     report = {
@@ -51,11 +52,11 @@ def _phases(measured: dict | None, plan: dict | None) -> dict | None:
 
 def render_preflight(report: dict) -> str:
     lines = [f"preflight: {report['status']}" + (f" ({report['error']})" if report["error"] else ""),
-             "worker   predicted (load/train/save) GiB   measured GiB   measured/predicted"]
+             "worker   predicted (phases run) GiB   measured GiB   measured/predicted"]
     for rank, m in enumerate(report["measured_peak_bytes_per_worker"]):
         p = report["predicted_peak_bytes_per_worker"][rank] if report["predicted_peak_bytes_per_worker"] else None
         ratio = f"{m / p:.2f}" if p else "–"
-        lines.append(f"{rank:>6}   {p / GiB if p else float('nan'):>31.2f}   {m / GiB:>12.2f}   {ratio:>18}")
+        lines.append(f"{rank:>6}   {p / GiB if p else float('nan'):>26.2f}   {m / GiB:>12.2f}   {ratio:>18}")
     for phase, row in (report.get("phases") or {}).items():
         predicted = ", ".join(f"{p / GiB:.2f}" for p in row["predicted"]) if row["predicted"] else "–"
         lines.append(f"  {phase:<7} measured {', '.join(f'{m / GiB:.2f}' for m in row['measured'])} GiB"

@@ -30,7 +30,7 @@ def test_preflight_runs_one_step_saves_reloads_and_compares_memory(tmp_path, gsm
         assert 0.8 <= ratio <= 1.2, report  # the bench's ±20% on this very configuration
     assert summary["plan"]["measured_peak_bytes_per_worker"] == measured
     phases = report["phases"]  # per phase: measured per worker next to the plan's prediction
-    assert set(phases) == {"load", "prepare", "train", "save", "reload"}
+    assert set(phases) == {"load", "prepare", "eval", "train", "save", "reload"}  # eval: eval.at_start=true
     assert max(max(p["measured"]) for p in phases.values()) == max(measured)
     assert len(phases["train"]["measured"]) == len(phases["train"]["predicted"]) == 2
     assert phases["reload"]["predicted"] is None and phases["prepare"]["predicted"] is None
