@@ -51,7 +51,8 @@ def cells(eval_export: bool):
             yield f"smollm2_135m/{strategy}/lora/eval+export", "smollm2_135m", strategy, "lora", WITH_EVAL_EXPORT
 
 
-def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_export: bool) -> None:
+def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_export: bool,
+            override: list[str]) -> None:
     import ray
 
     from distft.train import launch
@@ -65,7 +66,8 @@ def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_e
     for key, model, strategy, method, extra in cells(eval_export):
         if only and not any(o in key for o in only):
             continue
-        ov = overrides(model, strategy, method, storage, gsm8k, extra)
+        ov = overrides(model, strategy, method, storage, gsm8k, extra) + override
+        key += "".join(f"/{o}" for o in override)
         cfg = compose_cfg(ov)
         run_dir = storage / cfg.run.name
         if run_dir.exists():
@@ -135,8 +137,8 @@ def report(path: Path) -> str:
     worst = 0.0
     for key, run in results["runs"].items():
         model, strategy, method = key.split("/")[:3]
-        if key.endswith("/eval+export"):
-            method += " + eval, export"
+        for extra in key.split("/")[3:]:
+            method += " + eval, export" if extra == "eval+export" else f" + `{extra}`"
         if run["status"] != "completed":
             lines.append(f"| {model} | {strategy} | {method} | – | failed: {run['error']} | – | – | – | – | – |")
             continue
@@ -177,6 +179,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "plan_cpu.json")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/distft-bench-plan"))
     parser.add_argument("--gsm8k", default=os.environ.get("GSM8K_DIR", str(REPO.parent / "shared" / "data" / "gsm8k")))
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="Hydra overrides added to every run (and to its key), e.g. ~run.env.MALLOC_MMAP_THRESHOLD_")
     parser.add_argument("--only", nargs="*", help="run only cells whose model/strategy/method contains one of these")
     parser.add_argument("--baseline", action="store_true", help="measure the runtime baseline of a worker")
     parser.add_argument("--eval-export", action="store_true",
@@ -188,7 +192,7 @@ def main() -> None:
     elif args.baseline:
         measure_baseline(args.out)
     else:
-        run_all(args.out, args.storage, args.gsm8k, args.only, args.eval_export)
+        run_all(args.out, args.storage, args.gsm8k, args.only, args.eval_export, args.override)
 
 
 if __name__ == "__main__":

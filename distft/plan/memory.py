@@ -180,7 +180,7 @@ def estimate_memory(shape: ModelShape, *, method: str, strategy: str, world: int
         # glibc raises its mmap threshold after the first large free, and freed heap memory then stays resident:
         # peak RSS exceeds peak live bytes by an amount that depends on allocation order (docs/benchmarks.md)
         notes.append("CPU: run.env.MALLOC_MMAP_THRESHOLD_ is not set (hardware=cpu sets it), so glibc keeps freed "
-                     "memory resident: measured peaks were up to 1.6x this prediction without it")
+                     "memory resident: SmolLM2 QLoRA measured 1.33x its prediction without it (docs/benchmarks.md)")
     train = {"weights": weights, "lora": lora_w, "gradients": grads, "optimizer": optimizer,
              "sharding_buffers": buffers, "activations": acts + autocast_copies, "runtime": runtime,
              "checkpoint_file": mapped}
@@ -286,7 +286,7 @@ def _checkpoint_file_pages(shape: ModelShape, method: str, family: str, pb: int,
     (zero copy), so every page read while loading (all of them: QLoRA quantises every linear, a dtype change copies
     every tensor) stays resident — as clean, reclaimable page cache, which RSS counts — for as long as one view
     lives. DDP keeps the views; FSDP and ZeRO-3 replace every parameter by a copy of its shard and drop them.
-    Found by reading /proc/self/smaps of a QLoRA worker (docs/benchmarks.md)."""
+    Seen in /proc/self/smaps of a QLoRA worker (docs/benchmarks.md)."""
     n = shape.total_params()
     file_bytes = n * shape.checkpoint_bytes
     load_bytes = 4 if method == "full" else pb  # distft.recipe.load_dtype

@@ -26,7 +26,7 @@ def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None, location
         "predicted_peak_bytes_per_worker": predicted,
         "ratio_measured_to_predicted": [m / p for m, p in zip(measured, predicted, strict=True)] if predicted else None,
         # per phase: what each worker measured and what the plan predicted for it (reload has no prediction)
-        "phases": _phases(result.get("peak_memory_bytes_by_phase"), plan),
+        "phases": _phases(by_phase, plan),
         "predicted_full_run_peak_bytes": plan["peak_bytes"] if plan else None,
         "predicted_fits": plan["fits"] if plan else None,
         "plan": plan,
