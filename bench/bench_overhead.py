@@ -35,22 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import distft.recipe as recipe  # noqa: E402
+from distft.config import compose  # noqa: E402
 from distft.data import ShardedBatches, build_rows  # noqa: E402
 from distft.methods import apply_method  # noqa: E402
 from distft.model import load_model, load_tokenizer, resolve_model_dir  # noqa: E402
+from distft.recipe import RunHooks, WorkerContext, run_training  # noqa: E402
+from distft.tracking import MetricsFile  # noqa: E402
 
 THREADS = 2  # the issue's machine: 2 cores; the framework gets the same via scaling.cpus_per_worker
 
 
 def compose_cfg(*, data_path: str, steps: int, micro: int, global_batch: int, seq_len: int, lr: float):
     """The framework's config for this bench, composed exactly as `python -m distft.train` would compose it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from distft.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
     overrides = [
         "+experiment=gsm8k_lora",
         "model=smollm2_135m",
@@ -73,8 +69,7 @@ def compose_cfg(*, data_path: str, steps: int, micro: int, global_batch: int, se
         "trainer.lr_schedule=constant",
         "trainer.warmup_steps=0",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("train", overrides=overrides)
+    return compose(overrides)
 
 
 class PlainLoop:
@@ -175,7 +170,7 @@ class PlainLoop:
         torch.set_rng_state(outer)
 
 
-class _HookedMetrics(recipe.MetricsFile):
+class _HookedMetrics(MetricsFile):
     """metrics.jsonl writer that notes the time around each row and runs `after_row` (one plain step) once the row
     is written. The framework's `step_seconds` timer has stopped by then, and the iteration gaps leave the hook out."""
 
@@ -208,21 +203,12 @@ def run_interleaved(cfg, model_dir: str, plain_first: bool) -> dict:
             plain.step()
 
     _HookedMetrics.stamps, _HookedMetrics.after_row = [], after_row
-    original = recipe.MetricsFile
+    original = recipe.MetricsFile  # the name the recipe's tracker is built with
     recipe.MetricsFile = _HookedMetrics
     try:
         with tempfile.TemporaryDirectory(prefix="distft-bench-") as tmp:
             run_dir = Path(tmp)
-            result = recipe.run_training(
-                cfg,
-                run_dir=run_dir,
-                model_dir=model_dir,
-                rank=0,
-                world=1,
-                device=torch.device("cpu"),
-                resume_dir=None,
-                report=lambda metrics, ckpt_dir, step: None,
-            )
+            result = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=model_dir), RunHooks())
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     finally:
         recipe.MetricsFile = original

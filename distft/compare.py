@@ -3,7 +3,7 @@
 Each arm's config is composed again by Hydra from the same command-line overrides plus the arm's own (`method=`,
 `trainer.lr=`, `compare.arms.<name>.overrides`), so group choices resolve exactly as they would on the command line
 and every arm shares the data, budget and seeds. Every arm is validated before any arm starts. Arms then run as normal
-runs (`distft.train.launch`), each a complete run directory under one compare directory: one after another, or as
+runs (`distft.launch.launch`), each a complete run directory under one compare directory: one after another, or as
 concurrent Ray tasks when the cluster has room for several (Ray Train V2 trainers can be driven from tasks, the way
 Ray Tune drives them). The report (`distft.report`) follows.
 """
@@ -14,17 +14,19 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from distft.config import hydra_context, validate_cluster, validate_config
 from distft.errors import ConfigError, UserError
+from distft.eval.export_eval import evaluate_export, write_result
+from distft.launch import init_ray, launch, local_resources, ray_initialized
+from distft.report import write_report
+from distft.storage import RunStorage
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Keys each arm sets itself; the same keys on the command line would clash (Hydra refuses a group chosen twice).
 ARM_KEYS = ("method", "trainer.lr", "run.name", "run.storage_path", "compare.enabled")
 
@@ -58,30 +60,16 @@ def _key(override: str) -> str:
     return parsed.key_or_group
 
 
-@contextmanager
-def _hydra_context():
-    """Inside `hydra.main` Hydra is initialised with conf/ already; elsewhere (tests, notebooks) start it here."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-        return
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        yield
-
-
 def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
     """Compose every enabled arm; raise one ConfigError listing every arm that cannot be composed or validated."""
     from hydra import compose
-
-    from distft.config import validate_config
 
     names = enabled_arms(cfg)
     if not names:
         raise ConfigError(["compare.enabled=true but no arm is enabled; set compare.arms.<name>.enabled=true"])
     root = compare_dir(cfg)
     arms, problems = {}, []
-    with _hydra_context():
+    with hydra_context():
         for name in names:
             try:
                 arm_cfg = compose("train", overrides=arm_overrides(cfg, name, overrides, root))
@@ -129,9 +117,6 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
     """Run every arm, write compare.json and the report; return the compare record."""
     import ray
 
-    from distft.config import validate_cluster
-    from distft.train import init_ray, local_resources, ray_initialized
-
     if cfg.compare.max_concurrent is not None and cfg.compare.max_concurrent < 1:
         raise ConfigError([f"compare.max_concurrent={cfg.compare.max_concurrent} must be at least 1 (or null)"])
     root = compare_dir(cfg)
@@ -164,8 +149,6 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
                 record["arms"][name]["final_eval"] = final_eval(arm_cfg, cfg.compare)
                 _write(root, record)
     if cfg.compare.report:
-        from distft.report import write_report
-
         record["report"] = str(write_report([root], out_dir=root, wandb="auto"))
         _write(root, record)
     return record
@@ -173,10 +156,7 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
 
 def _run_arm(arm_cfg: DictConfig) -> dict:
     """One arm as a normal run. A completed arm (a rerun of the same compare) is kept, not trained again."""
-    from distft.train import launch
-
-    summary_path = Path(arm_cfg.run.storage_path) / arm_cfg.run.name / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
+    if RunStorage(arm_cfg.run.storage_path, arm_cfg.run.name).completed():
         print(f"distft: compare arm '{arm_cfg.run.name}' already completed; keeping it", file=sys.stderr)
         return {"status": "completed", "error": None, "reused": True}
     try:
@@ -188,8 +168,6 @@ def _run_arm(arm_cfg: DictConfig) -> dict:
 
 def final_eval(arm_cfg: DictConfig, compare: DictConfig) -> dict:
     """GSM8K accuracy of the arm's export over Ray actors (distft.eval), written to <run dir>/eval_gsm8k.json."""
-    from distft.eval.export_eval import evaluate_export, write_result
-
     run_dir = Path(arm_cfg.run.storage_path) / arm_cfg.run.name
     s = arm_cfg.scaling
     result = evaluate_export(run_dir / "export", examples=compare.final_eval_examples,

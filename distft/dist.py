@@ -67,6 +67,7 @@ class PhasePeaks:
     per-phase predictions: at each phase change the peak is read, attributed to the phase that ends, and reset."""
 
     def __init__(self, device: torch.device, phase: str = "load"):
+        self.start_bytes = current_memory_bytes(device)  # the runtime before any model: the planner's CPU baseline
         self.device, self.phase = device, phase
         self.peaks: dict[str, int] = {}
         self.resettable = reset_peak_memory(device)
@@ -89,3 +90,12 @@ class PhasePeaks:
         """(peak of the whole run, peak of each phase); phases are None where peaks could not be reset."""
         self.switch(self.phase)
         return max(self.peaks.values()), dict(self.peaks) if self.resettable else None
+
+    def gather(self) -> tuple[list[int], dict[str, list[int]] | None]:
+        """Every worker's peak of the whole run, and per phase {phase: [per worker]} (None where not measurable).
+        Collective: every rank calls it."""
+        gathered = all_gather_objects(self.finish())
+        peaks = [peak for peak, _ in gathered]
+        if any(phases is None for _, phases in gathered):
+            return peaks, None
+        return peaks, {phase: [phases.get(phase, 0) for _, phases in gathered] for phase in gathered[0][1]}

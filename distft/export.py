@@ -6,9 +6,40 @@ from pathlib import Path
 
 import torch
 
+from distft import dist
 from distft.model import load_model
 
 log = logging.getLogger(__name__)
+
+
+def export_and_verify(strategy, tokenizer, *, export_dir: Path, probe: torch.Tensor, rank: int,
+                      device: torch.device, method: str, dtype: str, quant_config, precision: str, run_dir: Path,
+                      merge_base: str | None = None, merge_dtype: str = "fp32") -> dict | None:
+    """Export the trained model, reload the export as a user would and check it reproduces the trained logits on
+    `probe`; with `merge_base` (a LoRA/QLoRA run's base model) also write export/merged. Every rank takes part
+    (sharded strategies gather collectively); rank 0 writes and checks, and returns the check (None elsewhere)."""
+    trained_logits = probe_logits(strategy, probe, device)
+    export_model(strategy, tokenizer, export_dir, rank=rank)
+    dist.barrier()
+    info = None
+    if rank == 0:
+        info = verify_export(export_dir, probe=probe, trained_logits=trained_logits, method=method, dtype=dtype,
+                             quant_config=quant_config, device=device, run_dir=run_dir, precision=precision)
+        if merge_base is not None:
+            merge_adapter(merge_base, export_dir, export_dir / "merged", dtype=merge_dtype)
+    dist.barrier()
+    return info
+
+
+@torch.no_grad()
+def probe_logits(strategy, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The trained model's logits on one input, computed by every rank (sharded models need all of them)."""
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+    model.train(was_training)
+    return logits
 
 
 def export_model(strategy, tokenizer, out_dir: Path, *, rank: int) -> None:

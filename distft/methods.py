@@ -3,10 +3,10 @@ NF4 base)."""
 
 import torch
 
+from distft.dtypes import torch_dtype
 from distft.errors import UserError
 
-METHODS = ("full", "lora", "qlora")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ("full", "lora", "qlora")  # the `method` group's choices, in the order comparisons and plans list them
 
 
 def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: str, quant_storage: str | None):
@@ -20,8 +20,8 @@ def quantization_config(*, quant_type: str, double_quant: bool, compute_dtype: s
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=_DTYPES[compute_dtype],
-        bnb_4bit_quant_storage=_DTYPES[quant_storage] if quant_storage else torch.uint8,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(quant_storage) if quant_storage else torch.uint8,
     )
 
 

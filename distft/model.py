@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from distft.dtypes import torch_dtype
 from distft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ _READY = "distft_ready.json"  # written last: a directory without it is an inter
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTFT_CACHE", Path.home() / ".cache" / "distft"))
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def embedded_gguf_path() -> Path:
@@ -215,7 +212,7 @@ def load_model(
         if quantization_config is not None:
             raise ValueError("a 4-bit model cannot be built empty: bitsandbytes quantises while loading the weights")
         return _empty_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, revision=revision)
-    kwargs = dict(dtype=_dtype(dtype), attn_implementation=attn_implementation, revision=revision)
+    kwargs = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation, revision=revision)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device or torch.device("cpu")}
@@ -228,13 +225,23 @@ def load_model(
     if quantization_config is None and device is not None and not partitioned:
         model.to(device)
     if quantization_config is not None:
-        # bitsandbytes' AVX512-BF16 CPU kernel repacks 4-bit weights in place on the first no-grad forward and has
-        # no autograd kernel: training after an evaluation would lose gradients through the frozen layers.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        disable_bnb_cpu_repack(model)
     model.config.use_cache = False
     return model
+
+
+def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on the dequantise-and-matmul path that training uses.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad repacks the 4-bit weight in place
+    once, for an inference kernel, and marks its quantisation state as repacked. That kernel has no autograd, so
+    training after an evaluation would lose the gradients through the frozen layers; and under FSDP/ZeRO-3 the
+    repacked tensor is a gathered copy that resharding throws away while the mark stays, so every later forward
+    decodes the original layout as if repacked (logits off by ~1 after one eval). Safe to call on any model.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _empty_model(model_dir: str, *, dtype: str, attn_implementation: str, revision: str | None):
@@ -246,7 +253,7 @@ def _empty_model(model_dir: str, *, dtype: str, attn_implementation: str, revisi
     except OSError as e:
         raise _unreachable(model_dir, e) from e
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype), attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
     try:  # from_pretrained reads generation_config.json too; greedy evaluation must decode the same way on all ranks
         model.generation_config = GenerationConfig.from_pretrained(model_dir, revision=revision)
     except OSError:

@@ -31,10 +31,6 @@ def request_stop(reason: str) -> None:
     _stop.set()
 
 
-def stop_requested() -> bool:
-    return _stop.is_set()
-
-
 def stop_reason() -> str | None:
     return _reason[0] if _reason else None
 

@@ -7,10 +7,12 @@ before a resume), so the same code writes everywhere.
 """
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
 from distft.errors import UserError
+from distft.model import cache_dir
 
 log = logging.getLogger("distft")
 
@@ -46,8 +48,6 @@ class RunStorage:
         self.root = root.rstrip("/")
         self.fs_path = f"{self.root}/{name}"
         if self.remote:
-            from distft.model import cache_dir
-
             key = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
             self.local_dir = (staging_root or cache_dir() / "staging") / f"{name}-{key}"
         else:
@@ -71,6 +71,16 @@ class RunStorage:
     def read_text(self, relative: str) -> str:
         with self.filesystem.open_input_stream(f"{self.fs_path}/{relative}") as f:
             return f.read().decode()
+
+    def completed(self) -> bool:
+        """Whether this run finished (its summary.json says `completed`): a finished run is never trained again."""
+        return self.exists("summary.json") and json.loads(self.read_text("summary.json")).get("status") == "completed"
+
+    def write_text(self, relative: str, text: str) -> None:
+        """Write a file of the run locally and upload it to the run's storage."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        (self.local_dir / relative).write_text(text)
+        self.push(relative)
 
     def pull(self, *relative: str) -> None:
         """Copy these files of the run (if they exist) into the local directory. No-op for local storage."""

@@ -35,6 +35,44 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+class RunTracker:
+    """Rank 0's record of a run: metrics.jsonl always, W&B when configured, and a progress bar. The other ranks
+    get one with nothing attached, so the loop calls it on every rank without asking which one it is."""
+
+    def __init__(self, metrics: MetricsFile | None = None, wandb: "WandbLogger | None" = None, *,
+                 log_every: int = 1, progress_bar: bool = False):
+        self.metrics, self.wandb, self.log_every = metrics, wandb, log_every
+        self.progress_bar = progress_bar and metrics is not None
+        self.bar = None
+
+    def start(self, total: int, initial: int) -> None:
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            # Ray forwards worker output line by line, so redraw rarely rather than in place.
+            self.bar = tqdm(total=total, initial=initial, desc="train", mininterval=10, ncols=100)
+
+    def log_step(self, row: dict, *, last: bool) -> None:
+        """One optimizer step's row; written every `log_every` steps and at the last one."""
+        if self.metrics is not None and (row["step"] % self.log_every == 0 or last):
+            self.metrics.log(row)
+            if self.wandb:
+                self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+    def finish(self, summary: dict) -> None:
+        """Numbers for W&B's run summary, then close the W&B run."""
+        if self.wandb:
+            self.wandb.summary(summary)
+            self.wandb.finish()
+
+
 class WandbLogger:
     """Thin wrapper that turns every W&B failure into a warning: tracking must never stop training."""
 

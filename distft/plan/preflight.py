@@ -1,9 +1,40 @@
-"""preflight.json: the measured peaks of one real step + checkpoint save + reload, next to the plan's prediction."""
+"""Preflight (`preflight=true`): one real step, a checkpoint save and its reload on the real cluster, then
+preflight.json with the measured peaks next to the plan's prediction. `reload_check` is the workers' half,
+`write_preflight` the driver's."""
 
 import json
 from pathlib import Path
 
+import torch
+
+from distft import dist
+from distft.checkpoint import load_checkpoint
 from distft.plan.memory import GiB
+
+
+def reload_check(strategy, *, checkpoint, rank: int, world: int, device: torch.device) -> dict:
+    """Reload the checkpoint step 1 just saved (`checkpoint`: (ray.train.Checkpoint, location) as the run's
+    storage holds it, read as a restart would) into the strategy, and check the trainable weights survived the
+    round trip (collective)."""
+    checkpoint, location = checkpoint
+    dist.barrier()  # every rank has returned from its report: its files are in storage
+    before = _trainable_checksum(strategy, device)
+    with torch.no_grad():  # a reload must overwrite the weights: disturb them first
+        for t in strategy.local_trainable_tensors():
+            t.add_(1.0)
+    with checkpoint.as_directory() as ckpt_dir:  # downloaded when storage is a URI
+        load_checkpoint(Path(ckpt_dir), strategy=strategy, rank=rank, world_size=world)
+    after = _trainable_checksum(strategy, device)
+    return {"checkpoint": location, "reloaded": True,
+            "reload_checksum": {"saved": before, "reloaded": after, "equal": before == after}}
+
+
+def _trainable_checksum(strategy, device: torch.device) -> float:
+    """Sum of squares of every rank's local trainable weights (shards under ZeRO-3/FSDP), summed over ranks."""
+    total = 0.0
+    for t in strategy.local_trainable_tensors():
+        total += float(t.detach().double().pow(2).sum())
+    return dist.all_reduce(total, device)
 
 
 def write_preflight(run_dir: Path, *, summary: dict, plan: dict | None, location: str | None = None) -> dict:

@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from distft.strategy.base import Strategy
+from distft.strategy.base import Sharding, Strategy
 
 # name -> "module:Class". Presets in conf/strategy/<name>.yaml set each one's options (ZeRO stage, offload, ...).
 STRATEGIES = {
@@ -28,11 +28,17 @@ def strategy_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def strategy_problems(name: str, *, method: str, precision: str, use_gpu: bool, options: dict) -> list[str]:
+def strategy_problems(name: str, *, method: str, precision: str, use_gpu: bool, options: dict,
+                      quant_storage: str | None = None) -> list[str]:
     """Combinations this strategy cannot run, each with the reason and a working alternative (checked before
-    the cluster starts). Strategies may define `config_problems(method=, precision=, use_gpu=, options=)`."""
-    check = getattr(strategy_class(name), "config_problems", None)
-    return check(method=method, precision=precision, use_gpu=use_gpu, options=options) if check else []
+    the cluster starts)."""
+    return strategy_class(name).config_problems(method=method, precision=precision, use_gpu=use_gpu,
+                                                options=options, quant_storage=quant_storage)
+
+
+def strategy_sharding(name: str, options: dict) -> Sharding:
+    """What strategy `name` with these `strategy.*` options shards and offloads."""
+    return strategy_class(name).sharding(options)
 
 
 def build_strategy(name: str, *, device: torch.device, precision: str, micro_batch_size: int, grad_accum: int,
@@ -43,4 +49,5 @@ def build_strategy(name: str, *, device: torch.device, precision: str, micro_bat
                                 grad_accum=grad_accum, **options)
 
 
-__all__ = ["STRATEGIES", "Strategy", "build_strategy", "strategy_class", "strategy_problems"]
+__all__ = ["STRATEGIES", "Sharding", "Strategy", "build_strategy", "strategy_class", "strategy_problems",
+           "strategy_sharding"]

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -13,8 +14,28 @@ ModelLoader = Callable[..., torch.nn.Module]
 SchedulerBuilder = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How a strategy lays the model out over the workers. The planner models memory from this (never from the
+    strategy's name), and rank-0 loading defaults to on where parameters are sharded."""
+
+    engine: str  # "ddp" | "fsdp" | "deepspeed": whose memory layout the planner's formulas follow
+    shards_parameters: bool
+    zero_stage: int = 0  # DeepSpeed only
+    offload_params: bool = False  # parameters live in host memory between uses
+    offload_optimizer: bool = False  # optimizer states (and the step) in host memory
+    buffers: dict = field(default_factory=dict)  # DeepSpeed: the zero_optimization bucket sizes a user set
+
+
 class Strategy(Protocol):
-    name: str
+    @staticmethod
+    def sharding(options: dict) -> Sharding:
+        """What these `strategy.*` options shard and offload (a class-level fact: no model needed)."""
+
+    @staticmethod
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict,
+                        quant_storage: str | None = None) -> list[str]:
+        """Settings this strategy cannot run, each naming the key, the reason and a working alternative."""
 
     def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
         """Build this rank's copy of the base model before `prepare`. Replicating strategies call `load()` on every
@@ -42,6 +63,10 @@ class Strategy(Protocol):
 
     def unwrap(self) -> torch.nn.Module:
         """The Hugging Face / peft module inside any wrapper (its parameters may be sharded)."""
+
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        """This rank's part of every trainable parameter, in module order: the whole tensor where replicated, the
+        local shard where sharded."""
 
     def generation_context(self) -> AbstractContextManager[torch.nn.Module]:
         """Yield a model each rank can call `generate` on independently (gathered weights where sharded).

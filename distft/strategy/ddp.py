@@ -8,14 +8,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from distft.dtypes import torch_dtype
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
 
 
 class DDPStrategy:
-    name = "ddp"
-
     def __init__(self, *, device: torch.device, precision: str = "fp32", find_unused_parameters: bool = False,
                  **_other_strategy_options):
         self.device = device
@@ -27,7 +24,12 @@ class DDPStrategy:
         self.scheduler = None
 
     @staticmethod
-    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict) -> list[str]:
+    def sharding(options: dict) -> Sharding:
+        return Sharding(engine="ddp", shards_parameters=False)
+
+    @staticmethod
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict,
+                        quant_storage: str | None = None) -> list[str]:
         if options.get("rank0_load"):
             return ["strategy.rank0_load=true: DDP keeps a full replica on every worker, so every worker loads the "
                     "weights; use strategy=fsdp or strategy=zero3 to load on rank 0 only, or remove the option"]
@@ -58,6 +60,9 @@ class DDPStrategy:
     def unwrap(self) -> torch.nn.Module:
         return self._module
 
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        return self.trainable_parameters()  # a full replica
+
     @contextlib.contextmanager
     def generation_context(self):
         yield self._module  # a full replica: no communication needed
@@ -65,7 +70,7 @@ class DDPStrategy:
     def forward_context(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(device_type=self.device.type, dtype=torch_dtype(self.precision))
 
     def sync_context(self, sync: bool):
         if sync or not isinstance(self._wrapped, DistributedDataParallel):

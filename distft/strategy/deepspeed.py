@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
+from distft import settings
+from distft.model import disable_bnb_cpu_repack
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
 
 TAG = "ds"  # checkpoint sub-directory; always passed explicitly so DeepSpeed's `latest` file is never needed
 # Keys the recipe owns: DeepSpeed's batch arithmetic must match trainer.* and the optimizer/schedule are built
@@ -42,6 +44,9 @@ RECIPE_KEYS = {
 _QLORA_LOAD = ("transformers builds bitsandbytes 4-bit models without deepspeed.zero.Init; they are quantised "
                "while each rank loads them")
 _GATHER_NUMEL = 2**27  # parameters gathered at once when consolidating ZeRO-3 weights (512 MiB in fp32)
+# zero_optimization keys a user may set through strategy.deepspeed that size DeepSpeed's buffers (for the planner)
+_BUFFER_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters", "stage3_param_persistence_threshold")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -88,8 +93,6 @@ def _plain(value):
 
 
 class DeepSpeedStrategy:
-    name = "deepspeed"
-
     def __init__(self, *, device: torch.device, precision: str = "fp32", micro_batch_size: int = 1,
                  grad_accum: int = 1, zero_stage: int = 2, offload_optimizer: bool = False,
                  offload_params: bool = False, deepspeed: dict | None = None, rank0_load: bool | None = None,
@@ -110,9 +113,18 @@ class DeepSpeedStrategy:
         self._engine = None
         self._scheduler = None
 
+    @staticmethod
+    def sharding(options: dict) -> Sharding:
+        zero = (_plain(options.get("deepspeed") or {})).get("zero_optimization") or {}
+        stage = options.get("zero_stage", 0)
+        return Sharding(engine="deepspeed", shards_parameters=stage == 3, zero_stage=stage,
+                        offload_params=bool(options.get("offload_params", False)),
+                        offload_optimizer=bool(options.get("offload_optimizer", False)),
+                        buffers={k: zero[k] for k in _BUFFER_KEYS if k in zero})
+
     def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
         """ZeRO-3: partition while loading, weights read on rank 0 (transformers + deepspeed.zero.Init)."""
-        if self.zero_stage < 3 or self.rank0_load is False or quantized:
+        if not settings.rank0_load(self.rank0_load, shards_parameters=self.zero_stage == 3, quantized=quantized):
             if quantized and self.zero_stage == 3:
                 logging.getLogger(__name__).info("ZeRO-3: every rank loads the 4-bit base (%s)", _QLORA_LOAD)
             return load()
@@ -132,7 +144,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         if self.zero_stage == 3:
-            keep_4bit_weights_in_place(model)
+            disable_bnb_cpu_repack(model)  # a repacked gathered copy would be thrown away, its mark kept
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params)
         if self.offload_optimizer:
@@ -150,6 +162,10 @@ class DeepSpeedStrategy:
 
     def unwrap(self) -> torch.nn.Module:
         return self._engine.module
+
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        # A ZeRO-3 parameter's own tensor is empty outside a gather; its partition is `ds_tensor`.
+        return [getattr(p, "ds_tensor", p) for p in self.unwrap().parameters() if p.requires_grad]
 
     # --- training step ------------------------------------------------------------------------------------
     def forward_context(self):
@@ -262,7 +278,8 @@ class DeepSpeedStrategy:
 
     # --- configuration checks -----------------------------------------------------------------------------
     @staticmethod
-    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict) -> list[str]:
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict,
+                        quant_storage: str | None = None) -> list[str]:
         """Combinations that cannot run, each naming the key, the reason and an alternative."""
         problems = []
         stage = options.get("zero_stage", 0)
@@ -297,21 +314,6 @@ def cpu_adam_like(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parame
     return DeepSpeedCPUAdam(params, lr=d["lr"], betas=tuple(d["betas"]), eps=d["eps"],
                             weight_decay=d["weight_decay"], amsgrad=d.get("amsgrad", False),
                             adamw_mode=isinstance(optimizer, torch.optim.AdamW))
-
-
-def keep_4bit_weights_in_place(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel (required under ZeRO-3).
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad replaces `weight.data` with a
-    repacked layout once and marks the quant state as repacked. Under ZeRO-3 that write lands in a temporary
-    gathered copy which is then discarded, while the mark stays: every later forward (eval, the export probe, the
-    next training step) reads the original layout as if repacked and the logits are wrong (seen: 0.7-1.0 off).
-    `distft.model.load_model` already does this for every 4-bit model; repeated here so the strategy is safe
-    with a model loaded any other way.
-    """
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _chunks(params: list[torch.nn.Parameter], max_numel: int):

@@ -40,7 +40,10 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder
+from distft import settings
+from distft.dtypes import dtype_name
+from distft.model import disable_bnb_cpu_repack
+from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class FSDPStrategy:
-    name = "fsdp"
-
     def __init__(self, *, device: torch.device, precision: str = "fp32", reshard_after_forward: bool = True,
                  cpu_offload: bool = False, rank0_load: bool | None = None, **_other_strategy_options):
         self.device = device
@@ -68,7 +69,6 @@ class FSDPStrategy:
         self.precision = precision
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
-        self.name = "fsdp_offload" if cpu_offload else "fsdp"
         self._module: torch.nn.Module | None = None
         self._layers: list[torch.nn.Module] = []
         self.optimizer = None
@@ -77,26 +77,37 @@ class FSDPStrategy:
     # --- set-up -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict) -> list[str]:
+    def sharding(options: dict) -> Sharding:
+        offload = bool(options.get("cpu_offload", False))  # parameters, gradients and the optimizer step
+        return Sharding(engine="fsdp", shards_parameters=True, offload_params=offload, offload_optimizer=offload)
+
+    @staticmethod
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict,
+                        quant_storage: str | None = None) -> list[str]:
         """Settings that cannot do what they say under FSDP, each with a working alternative."""
         problems = []
+        name = options.get("name", "fsdp")
         for key, unused in _FOREIGN_OPTIONS.items():
             value = options.get(key, unused)
             if value != unused:
                 hint = ("use strategy=fsdp_offload (or strategy.cpu_offload=true)" if key.startswith("offload")
                         else "use strategy=zero1/zero2/zero3 for DeepSpeed" if key in ("zero_stage", "deepspeed")
                         else "remove it")
-                problems.append(f"strategy.{key}={value} has no effect with strategy={options.get('name', 'fsdp')} "
+                problems.append(f"strategy.{key}={value} has no effect with strategy={name} "
                                 f"(it is an option of another strategy); {hint}")
         why = FSDPStrategy.rank0_load_problem(method)
         if options.get("rank0_load") and why:
             problems.append(f"strategy.rank0_load=true with method={method}: {why}; remove strategy.rank0_load (every "
                             "rank then loads and quantises the 4-bit base, which is small) or use method=lora")
+        if method == "qlora" and precision == "bf16":
+            problem = quant_storage_problem(quant_storage, "bf16")
+            if problem:
+                problems.append(f"{problem} (with strategy={name})")
         return problems
 
     def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
         """Rank 0 reads the weights, the others build meta tensors; `prepare` broadcasts after sharding."""
-        self._broadcast_from_rank0 = self.rank0_load is not False and not quantized
+        self._broadcast_from_rank0 = settings.rank0_load(self.rank0_load, shards_parameters=True, quantized=quantized)
         if quantized and self.rank0_load is None:
             log.info("FSDP: every rank loads the 4-bit base (%s)", self.rank0_load_problem("qlora"))
         if not self._broadcast_from_rank0:
@@ -112,12 +123,6 @@ class FSDPStrategy:
             return ("bitsandbytes quantises the weights while each rank loads them, and its packed 4-bit tensors "
                     "and their quantisation state cannot be broadcast from rank 0 into meta tensors")
         return None
-
-    @staticmethod
-    def quant_storage(compute_dtype: str) -> str:
-        """The bitsandbytes storage dtype (`method.quant_storage`) for QLoRA under FSDP: the compute dtype, so the
-        packed 4-bit weights shard like the other parameters and mixed precision's cast leaves them untouched."""
-        return compute_dtype
 
     def prepare(self, model: torch.nn.Module, build_optimizer: OptimizerBuilder,
                 build_scheduler: SchedulerBuilder) -> None:
@@ -180,6 +185,9 @@ class FSDPStrategy:
 
     def unwrap(self) -> torch.nn.Module:
         return self._module  # fully_shard wraps in place: the module is the HF / peft model, parameters sharded
+
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        return [p.to_local() if isinstance(p, DTensor) else p for p in self.trainable_parameters()]
 
     # --- training -----------------------------------------------------------------------------------------
 
@@ -295,30 +303,26 @@ class FSDPStrategy:
 
 
 def _prepare_4bit_layers(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
-    """QLoRA: keep bitsandbytes' 4-bit layers correct under sharding, or say why they cannot be.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place on its first no-grad eval forward and
-    rewrites the layer's quantisation state to match. Under FSDP the repacked tensor is the gathered copy, which
-    resharding throws away, while the rewritten state stays: every later forward would decode the original layout
-    with the new state (logits off by ~1 after one eval). The repacked kernel also passes no gradient to the layer
-    input. Keeping these layers on the regular dequantise-and-matmul path (the one training uses) avoids both.
-
-    With a MixedPrecisionPolicy, FSDP casts every floating-point parameter to `param_dtype` before gathering; 4-bit
-    weights stored in another float dtype would have their packed bytes converted (and the forward fails).
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    """QLoRA: keep bitsandbytes' 4-bit layers correct under sharding, or say why they cannot be: no in-place CPU
+    repacking (see `disable_bnb_cpu_repack`), and no 4-bit weight stored in a float dtype that mixed precision
+    would cast."""
+    disable_bnb_cpu_repack(model)
     if param_dtype is None:
         return
     for name, p in model.named_parameters():
-        if type(p).__name__ == "Params4bit" and p.dtype.is_floating_point and p.dtype != param_dtype:
-            want = _DTYPE_NAMES.get(param_dtype, str(param_dtype))
-            raise ValueError(
-                f"strategy=fsdp with bf16 mixed precision would cast the packed 4-bit weight {name} (stored as "
-                f"{p.dtype}) to {param_dtype} and corrupt it: set method.quant_storage={want}, or leave "
-                f"method.quant_storage unset (uint8), or use trainer.precision=fp32"
-            )
+        if type(p).__name__ == "Params4bit" and p.dtype.is_floating_point:
+            problem = quant_storage_problem(dtype_name(p.dtype), dtype_name(param_dtype))
+            if problem:
+                raise ValueError(f"{name}: {problem}")
 
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+def quant_storage_problem(quant_storage: str | None, param_dtype: str) -> str | None:
+    """Why 4-bit weights stored as `quant_storage` (method.quant_storage; None: uint8) break under FSDP mixed
+    precision with `param_dtype`, or None. FSDP casts every floating-point parameter to `param_dtype` before
+    gathering, which would convert a float-stored weight's packed bytes (and the forward fails); integer storage
+    is never cast."""
+    if quant_storage in (None, param_dtype):
+        return None
+    return (f"method.quant_storage={quant_storage} with trainer.precision={param_dtype}: FSDP's mixed precision would "
+            f"cast the packed 4-bit weights and corrupt them; set method.quant_storage={param_dtype}, leave "
+            "method.quant_storage unset (uint8), or use trainer.precision=fp32")

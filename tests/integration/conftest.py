@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from distft.launch import launch
+from distft.model import disable_bnb_cpu_repack
 from distft.tracking import read_metrics
-from distft.train import launch
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, tiny_model_dir
 
 EXPERIMENT = {"full": "gsm8k_full", "lora": "gsm8k_lora", "qlora": "gsm8k_qlora"}
 # Learning rates large enough that a tiny random model's eval loss visibly falls within a few steps.
@@ -74,9 +75,7 @@ def reload_export_and_compare(run_dir: Path, export: Path, method: str, atol: fl
         model = AutoPeftModelForCausalLM.from_pretrained(export, dtype=torch.float32, **kwargs)
         # Training used bitsandbytes' dequantise-and-matmul kernel (distft.model.load_model turns the other one off);
         # on CPUs with AVX512-BF16 an eval forward would otherwise switch to a repacked kernel with bf16 scales.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        disable_bnb_cpu_repack(model)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"], use_cache=False).logits.float()
@@ -91,11 +90,7 @@ def spawn_two_ranks(target, out_dir: Path, what: str) -> None:
     import multiprocessing
     import random
 
-    from omegaconf import OmegaConf
-
-    from distft.model import resolve_model_dir
-
-    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
+    model_dir = tiny_model_dir()
     ctx = multiprocessing.get_context("spawn")
     port = random.randint(20000, 60000)
     procs = [ctx.Process(target=target, args=(r, port, model_dir, str(out_dir))) for r in (0, 1)]

@@ -9,7 +9,6 @@ hide partitioning bugs. The first DeepSpeed run on a machine JIT-builds DeepSpee
 """
 
 import contextlib
-import os
 import signal
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import rank_env
 from tests.integration.conftest import (
     PARITY,
     assert_curves_close,
@@ -97,7 +97,7 @@ def test_zero3_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_pat
                                                                          monkeypatch):
     common = ("lora", *zero("zero3"), *NO_EVAL)
     clean = run_tiny(tmp_path, gsm8k_dir, "clean", *common)
-    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once after step 5 (last checkpoint: step 4)
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once during step 5 (last checkpoint: step 4)
     faulty = run_tiny(tmp_path, gsm8k_dir, "faulty", *common, "run.max_failures=1")
     assert clean["status"] == faulty["status"] == "completed", faulty["error"]
     run_dir = Path(faulty["run_dir"])
@@ -155,8 +155,7 @@ def test_qlora_export_round_trips_under_the_other_strategies(strategy, tmp_path,
 
 def _generate_unevenly(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     """One rank of `test_zero3_generation_needs_no_collectives`: rank r decodes 2 + 10 r tokens."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    rank_env(rank, port)
     import torch.distributed as dist
 
     from distft.eval import greedy_generate

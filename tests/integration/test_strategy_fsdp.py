@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distft.recipe import FAULT_ENV
+from distft.faults import FAULT_ENV
 from tests.integration.conftest import PARITY, assert_curves_close, curve, reload_export_and_compare, run_tiny
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_fsdp_offload_loss_curve_equals_ddp(method, tmp_path, gsm8k_dir, ray_clu
 @pytest.mark.parametrize("method", ["full"])  # LoRA resume is covered under DDP; one FSDP method keeps CI in budget
 def test_fsdp_worker_killed_mid_run_resumes_to_the_identical_loss_curve(method, tmp_path, gsm8k_dir, ray_cluster,
                                                                         monkeypatch, fsdp_curves):
-    monkeypatch.setenv(FAULT_ENV, "5:1")  # rank 1 dies once after step 5 (checkpoints every 2 steps)
+    monkeypatch.setenv(FAULT_ENV, "5:1")  # rank 1 dies once during step 5 (checkpoints every 2 steps)
     faulty = run_tiny(tmp_path, gsm8k_dir, f"faulty-{method}", method, "strategy=fsdp", *PARITY,
                       "trainer.checkpoint_every=2", "run.max_failures=1")
     assert faulty["status"] == "completed", faulty["error"]
@@ -122,16 +122,13 @@ _COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "al
 
 def _generation_worker(rank: int, init_file: str, results: str) -> None:
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from distft.strategy.fsdp import FSDPStrategy
+    from tests.conftest import tiny_llama_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama_model(pad_token_id=0, eos_token_id=2)
     strategy = FSDPStrategy(device=torch.device("cpu"), precision="fp32")
     strategy.prepare(model, lambda params: torch.optim.AdamW(params, lr=1e-3),
                      lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))

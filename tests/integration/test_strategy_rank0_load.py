@@ -5,12 +5,12 @@ One pair of processes runs every case (fsdp and zero3, full and LoRA, each loade
 to keep the cost to one process start-up.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import rank_env
 from tests.integration.conftest import spawn_two_ranks
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ def _build(strategy: str):
 
 
 def _run_case(rank: int, model_dir: str, strategy_name: str, method: str, rank0_load: bool) -> dict:
+    from distft.loss import causal_lm_loss_sum
     from distft.methods import apply_method
     from distft.model import load_model
-    from distft.recipe import causal_lm_loss_sum
 
     strategy = _build(strategy_name)
     strategy.rank0_load = rank0_load
@@ -66,8 +66,7 @@ def _run_case(rank: int, model_dir: str, strategy_name: str, method: str, rank0_
 
 
 def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    rank_env(rank, port)
     import torch.distributed as dist
 
     torch.set_num_threads(1)

@@ -67,7 +67,7 @@ def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, r
 
 def test_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
     clean = run_tiny(tmp_path, gsm8k_dir, "clean", "lora", "eval.enabled=false")
-    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once after step 5 (last checkpoint: step 4)
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once during step 5 (last checkpoint: step 4)
     faulty = run_tiny(tmp_path, gsm8k_dir, "faulty", "lora", "eval.enabled=false", "run.max_failures=1")
     assert clean["status"] == faulty["status"] == "completed", faulty["error"]
     assert (Path(faulty["run_dir"]) / ".fault_injected_step5_rank1").exists()  # the fault really happened

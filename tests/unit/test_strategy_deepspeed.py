@@ -21,9 +21,9 @@ def _problems(**options) -> list[str]:
 
 @pytest.mark.parametrize("strategy", ZERO_PRESETS)
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_shipped_presets_validate_on_cpu_and_gpu(strategy, method, gsm8k_dir):
+def test_shipped_presets_validate_on_cpu_and_gpu(strategy, method, data_dir):
     for hardware in (["model=tiny_llama", "hardware=cpu"], []):
-        cfg = compose_cfg([f"+experiment=gsm8k_{method}", f"strategy={strategy}", f"data.path={gsm8k_dir}",
+        cfg = compose_cfg([f"+experiment=gsm8k_{method}", f"strategy={strategy}", f"data.path={data_dir}",
                            *hardware])
         validate_config(cfg)
 
@@ -93,8 +93,8 @@ def test_deepspeed_keys_owned_by_the_recipe_are_refused_with_the_trainer_key_to_
     assert "strategy.deepspeed.optimizer" in text and "trainer.lr" in text
 
 
-def test_every_problem_is_reported_through_validate_config(gsm8k_dir):
-    cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu", f"data.path={gsm8k_dir}",
+def test_every_problem_is_reported_through_validate_config(data_dir):
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu", f"data.path={data_dir}",
                        "strategy=zero2", "strategy.offload_params=true", "+strategy.deepspeed.train_batch_size=8"])
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from distft.strategy import strategy_problems
 from distft.strategy.fsdp import FSDPStrategy, _prepare_4bit_layers, decoder_layers
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, tiny_llama_model, tiny_model_dir
 
 
 def _options(strategy: str, *overrides: str) -> dict:
@@ -43,19 +43,20 @@ def test_options_of_other_strategies_are_reported_with_the_fsdp_alternative():
     assert "strategy.zero_stage=3" in stage and "strategy=zero1/zero2/zero3" in stage
 
 
-def test_qlora_stores_4bit_weights_in_the_compute_dtype():
-    assert FSDPStrategy.quant_storage("fp32") == "fp32"
-    assert FSDPStrategy.quant_storage("bf16") == "bf16"
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_offload"])
+def test_qlora_float_storage_that_mixed_precision_would_cast_is_refused_at_validation(strategy):
+    def problems(precision, quant_storage):
+        return strategy_problems(strategy, method="qlora", precision=precision, use_gpu=precision == "bf16",
+                                 options=_options(strategy), quant_storage=quant_storage)
+
+    (problem,) = problems("bf16", "fp32")
+    assert "method.quant_storage=fp32" in problem and "set method.quant_storage=bf16" in problem
+    assert f"strategy={strategy}" in problem
+    assert problems("bf16", "bf16") == problems("bf16", None) == problems("fp32", "fp32") == []
 
 
 def _tiny_llama(tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama_model(tied=tied, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model.config.use_cache = False
     return model
 
@@ -176,11 +177,9 @@ def test_rank0_load_is_refused_where_it_cannot_work():
 
 
 def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the_rng_alone():
-    from omegaconf import OmegaConf
+    from distft.model import load_model
 
-    from distft.model import load_model, resolve_model_dir
-
-    model_dir = resolve_model_dir(**OmegaConf.to_container(compose_cfg(["model=tiny_llama"]).model, resolve=True))
+    model_dir = tiny_model_dir()
     torch.manual_seed(0)
     empty = load_model(model_dir, empty=True)
     after_empty = torch.rand(1)

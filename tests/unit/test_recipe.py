@@ -1,0 +1,105 @@
+"""The per-worker recipe end to end in one process (world size 1, no Ray): the files a run writes, the checkpoints it
+hands over, and a resume from one of them that continues the loss curve exactly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distft.checkpoint import check_checkpoint
+from distft.recipe import RunHooks, WorkerContext, run_training
+from distft.tracking import read_metrics
+from tests.conftest import compose_cfg, tiny_model_dir
+
+STEPS = 4
+
+
+def _cfg(data_path: Path, *overrides: str):
+    return compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu", f"data.path={data_path}",
+                        "scaling.num_workers=1", "data.max_train_examples=48", "data.seq_len=384",
+                        f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=2", "trainer.warmup_steps=1",
+                        "trainer.lr=1e-2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+                        "trainer.progress_bar=false", "eval.loss_examples=8", "eval.gsm8k_examples=2",
+                        "eval.max_new_tokens=4", *overrides])
+
+
+def _keep_checkpoints(into: Path):
+    """A `report` hook that keeps each checkpoint directory it is handed (Ray Train would copy it to storage)."""
+    reported = []
+
+    def report(metrics: dict, ckpt_dir: Path, step: int) -> None:
+        reported.append((step, metrics))
+        shutil.copytree(ckpt_dir, into / f"checkpoint_{step:06d}")
+
+    return report, reported
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, gsm8k_dir):
+    root = tmp_path_factory.mktemp("recipe")
+    run_dir, ckpts = root / "run", root / "ckpts"
+    run_dir.mkdir()
+    ckpts.mkdir()
+    report, reported = _keep_checkpoints(ckpts)
+    uploaded = []
+    result = run_training(_cfg(gsm8k_dir), WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir()),
+                          RunHooks(report=report, sync=lambda *names: uploaded.extend(names)))
+    return {"run_dir": run_dir, "ckpts": ckpts, "result": result, "reported": reported, "uploaded": uploaded}
+
+
+def test_one_process_run_writes_metrics_results_eval_and_a_verified_export(full_run):
+    run_dir, result = full_run["run_dir"], full_run["result"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["answer_tokens"] > 0 for r in rows)
+    assert json.loads((run_dir / "train_result.json").read_text()) == json.loads(json.dumps(result, default=str))
+    assert result["steps"] == STEPS and result["grad_accum"] == 2 and result["lr"] == 1e-2
+    assert result["eval"]["eval_loss"] < result["eval_start"]["eval_loss"]  # it learned something
+    assert result["eval"]["num_examples"] == 2 and (run_dir / "eval_start.json").exists()
+    assert 0 < result["trainable_params"] < result["total_params"]
+    assert result["export_check"]["ok"] and (run_dir / "export" / "adapter_config.json").exists()
+    assert (run_dir / "export_probe.pt").exists()
+    assert set(result["peak_memory_bytes_by_phase"]) >= {"load", "prepare", "train", "save", "eval", "export"}
+    assert result["tokens_per_second"] > 0
+    # the upload hook saw every file of the run directory that a cloud copy needs
+    assert {"metrics.jsonl", "train_result.json", "eval_start.json", "export_probe.pt", "export"} <= \
+        set(full_run["uploaded"])
+
+
+def test_checkpoints_are_handed_over_on_schedule_and_complete(full_run):
+    assert [(step, m["step"]) for step, m in full_run["reported"]] == [(2, 2), (4, 4)]
+    for step in (2, 4):
+        assert check_checkpoint(full_run["ckpts"] / f"checkpoint_{step:06d}") is None
+
+
+def test_resume_from_a_checkpoint_continues_the_identical_curve(full_run, tmp_path, gsm8k_dir):
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    # the interrupted run's metrics up to its checkpoint, as a restarted worker would find them
+    shutil.copy(full_run["run_dir"] / "metrics.jsonl", run_dir / "metrics.jsonl")
+    ckpt = full_run["ckpts"] / "checkpoint_000002"
+    result = run_training(_cfg(gsm8k_dir, "eval.enabled=false", "run.export=false"),
+                          WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir(), resume_dir=ckpt))
+    assert result["resumed_from"] == str(ckpt) and result["steps"] == STEPS
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    original = {r["step"]: r["loss"] for r in read_metrics(full_run["run_dir"] / "metrics.jsonl")}
+    assert resumed == original  # exact on CPU, keyed by step
+
+
+def test_a_stop_request_checkpoints_at_the_step_boundary_and_returns_stopped(tmp_path, gsm8k_dir):
+    report, reported = _keep_checkpoints(tmp_path)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return "SIGTERM received by a test" if len(calls) == 1 else None
+
+    result = run_training(_cfg(gsm8k_dir, "eval.enabled=false", "run.export=false"),
+                          WorkerContext(run_dir=tmp_path, model_dir=tiny_model_dir()),
+                          RunHooks(report=report, should_stop=should_stop))
+    assert result == {"steps": 1, "max_steps": STEPS, "stopped": "SIGTERM received by a test",
+                      "resumed_from": None}
+    assert [step for step, _ in reported] == [1]
+    assert check_checkpoint(tmp_path / "checkpoint_000001") is None
