@@ -21,9 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from distft.config import compose  # noqa: E402
+from distft.methods import METHODS  # noqa: E402
+
 MODELS = ("tiny_llama", "smollm2_135m")
 STRATEGIES = ("ddp", "zero3", "fsdp")
-METHODS = ("full", "lora", "qlora")
 SHORT = ("trainer.max_steps=2", "eval.enabled=false", "run.export=false", "trainer.checkpoint_every=100",
          "trainer.progress_bar=false", "data.max_train_examples=64", "scaling.num_workers=2")
 
@@ -55,11 +57,10 @@ def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_e
             override: list[str]) -> None:
     import ray
 
-    from distft.train import launch
-    from tests.conftest import compose_cfg
+    from distft.launch import launch
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "distft.train.quiet_local_workers"})
+             runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count()}
@@ -68,7 +69,7 @@ def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_e
             continue
         ov = overrides(model, strategy, method, storage, gsm8k, extra) + override
         key += "".join(f"/{o}" for o in override)
-        cfg = compose_cfg(ov)
+        cfg = compose(ov)
         run_dir = storage / cfg.run.name
         if run_dir.exists():
             import shutil
@@ -125,7 +126,6 @@ def measure_baseline(out: Path) -> None:
 
 def report(path: Path) -> str:
     from distft.plan import plan_config
-    from tests.conftest import compose_cfg
 
     results = json.loads(path.read_text())
     gib = 2**30
@@ -142,7 +142,7 @@ def report(path: Path) -> str:
         if run["status"] != "completed":
             lines.append(f"| {model} | {strategy} | {method} | – | failed: {run['error']} | – | – | – | – | – |")
             continue
-        plan = plan_config(compose_cfg(run["overrides"]))
+        plan = plan_config(compose(run["overrides"]))
         measured = run["peak_memory_bytes_per_worker"]
         preds = [plan.memory.peak_for("rank0" if rank == 0 else "other") for rank in range(len(measured))]
         pred = max(preds)

@@ -90,60 +90,6 @@ def _load_tokenizer(source: str):
 
 def ensure_random_model(
     *,
-    hidden_size: int,
-    intermediate_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    vocab_size: int | None,
-    max_position_embeddings: int,
-    init_seed: int,
-    tokenizer: str,
-) -> Path:
-    """Write a random-initialised Llama (and its tokenizer) to a directory keyed by its shape and seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = dict(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        init_seed=init_seed,
-        tokenizer=tokenizer,
-    )
-    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"random-llama-{key}"
-
-    def build(out: Path) -> dict:
-        tok = _load_tokenizer(tokenizer)
-        config = LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            vocab_size=vocab_size or len(tok),
-            max_position_embeddings=max_position_embeddings,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        torch.manual_seed(init_seed)
-        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        return shape
-
-    return _prepare_once(out, build)
-
-
-def resolve_model_dir(
-    *,
-    source: str,
-    path: str | None,
     hidden_size: int = 64,
     intermediate_size: int = 128,
     num_layers: int = 2,
@@ -152,26 +98,43 @@ def resolve_model_dir(
     vocab_size: int | None = None,
     max_position_embeddings: int = 4096,
     init_seed: int = 0,
-    tokenizer: str | None = None,
-    **_unused,
-) -> str:
-    """Return what `from_pretrained` should read: a prepared local directory or a hub id."""
+    tokenizer: str = "embedded",
+) -> Path:
+    """Write a random-initialised Llama (and its tokenizer) to a directory keyed by its shape and seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, vocab_size=vocab_size,
+                max_position_embeddings=max_position_embeddings)
+    shape = {**arch, "init_seed": init_seed, "tokenizer": tokenizer}
+    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"random-llama-{key}"
+
+    def build(out: Path) -> dict:
+        tok = _load_tokenizer(tokenizer)
+        config = LlamaConfig(**{**arch, "vocab_size": vocab_size or len(tok)}, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        torch.manual_seed(init_seed)
+        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return shape
+
+    return _prepare_once(out, build)
+
+
+# model.* keys that make up a random-initialised model's shape (model.source=random)
+RANDOM_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
+                     "max_position_embeddings", "init_seed")
+
+
+def resolve_model_dir(*, source: str, path: str | None, tokenizer: str | None = None, **model) -> str:
+    """Return what `from_pretrained` should read: a prepared local directory or a hub id. `model`: the other
+    model.* keys (the shape of a random-initialised model)."""
     if source == "embedded":
         return str(ensure_embedded_model())
     if source == "random":
-        return str(
-            ensure_random_model(
-                hidden_size=hidden_size,
-                intermediate_size=intermediate_size,
-                num_layers=num_layers,
-                num_heads=num_heads,
-                num_kv_heads=num_kv_heads,
-                vocab_size=vocab_size,
-                max_position_embeddings=max_position_embeddings,
-                init_seed=init_seed,
-                tokenizer=tokenizer or "embedded",
-            )
-        )
+        shape = {k: model[k] for k in RANDOM_SHAPE_KEYS if k in model}
+        return str(ensure_random_model(**shape, tokenizer=tokenizer or "embedded"))
     if path is None:
         raise UserError("model.source=hub needs model.path (a Hugging Face id or a local directory).")
     return path

@@ -8,18 +8,25 @@ model and worker count.
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from distft import settings
 from distft.plan.memory import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT_BYTES,
     GiB,
+    MemoryInputs,
     MemoryPlan,
     estimate_memory,
 )
 from distft.plan.shapes import ModelShape, model_shape
 from distft.plan.throughput import flops_per_token, offload_seconds_per_step
 
-__all__ = ["Plan", "plan_config", "predict_run", "alternatives", "model_shape", "estimate_memory"]
+if TYPE_CHECKING:  # distft.strategy imports torch: imported where a plan is made, not with the package
+    from distft.strategy import Sharding
+
+__all__ = ["Plan", "MemoryInputs", "plan_config", "predict_run", "alternatives", "memory_inputs", "model_shape",
+           "estimate_memory"]
 
 
 @dataclass
@@ -48,27 +55,23 @@ class Plan:
         return tokens_per_step / self.tokens_per_second if self.tokens_per_second else None
 
 
-def _strategy_options(cfg) -> dict:
-    s = cfg.strategy
-    zero = {}
-    if s.name.startswith("zero"):
-        from distft.strategy.deepspeed import build_config
+def memory_inputs(cfg) -> MemoryInputs:
+    """What the planner's memory model reads from a composed config."""
+    from distft.strategy import strategy_sharding
 
-        # The DeepSpeed config distft generates for this run (strategy.deepspeed merged over it).
-        ds = build_config(zero_stage=s.zero_stage, precision=cfg.trainer.precision,
-                          micro_batch_size=cfg.trainer.micro_batch_size, grad_accum=1,
-                          offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
-                          extra=s.deepspeed)
-        z = ds["zero_optimization"]
-        zero = {k: z[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm") if k in z}
-        for key in ("prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold"):
-            if f"stage3_{key}" in z:
-                zero[f"stage3_{key}"] = z[f"stage3_{key}"]
-    # strategy.rank0_load None means on for FSDP / ZeRO-3 unless the base is 4-bit (distft.strategy.fsdp/deepspeed)
-    sharded = s.name.startswith("fsdp") or (s.name.startswith("zero") and s.zero_stage == 3)
-    rank0_load = sharded and cfg.method.name != "qlora" and s.get("rank0_load") is not False
-    return dict(zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
-                cpu_offload=s.cpu_offload, zero_config=zero, rank0_load=rank0_load)
+    t, m, hw = cfg.trainer, cfg.method, cfg.hardware
+    sharding = strategy_sharding(cfg.strategy.name, dict(cfg.strategy))
+    world = cfg.scaling.num_workers
+    return MemoryInputs(
+        method=m.name, sharding=sharding, world=world, precision=t.precision,
+        micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
+        gradient_checkpointing=t.gradient_checkpointing, lora_r=m.lora_r, lora_dropout=m.lora_dropout,
+        target_modules=tuple(m.target_modules), double_quant=m.double_quant, accelerator=hw.accelerator,
+        eval_enabled=cfg.eval.enabled, eval_batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        export=cfg.run.export, gpus_per_node=hw.gpus_per_node if hw.accelerator == "cuda" else world,
+        rank0_load=settings.rank0_load(cfg.strategy.rank0_load, shards_parameters=sharding.shards_parameters,
+                                       quantized=m.name == "qlora"),
+        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env)
 
 
 def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None = None,
@@ -80,15 +83,8 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
     t, m, hw = cfg.trainer, cfg.method, cfg.hardware
     world = cfg.scaling.num_workers
     accelerator = hw.accelerator
-    mem = estimate_memory(
-        shape, method=m.name, strategy=cfg.strategy.name, world=world, precision=t.precision,
-        micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
-        gradient_checkpointing=t.gradient_checkpointing, lora_r=m.lora_r, lora_dropout=m.lora_dropout,
-        target_modules=list(m.target_modules), double_quant=m.double_quant, accelerator=accelerator,
-        eval_enabled=cfg.eval.enabled, eval_batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens, export=cfg.run.export,
-        gpus_per_node=hw.gpus_per_node if accelerator == "cuda" else world,
-        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env, **_strategy_options(cfg))
+    inputs = memory_inputs(cfg)
+    mem = estimate_memory(shape, inputs)
     if accelerator == "cuda":
         capacity = int(hw.gpu_memory_gb * GiB) if hw.gpu_memory_gb else None
         need = int(mem.peak_bytes * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
@@ -101,7 +97,7 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
         fits = mem.host_per_node_load <= hw.host_memory_gb * GiB
     fpt = flops_per_token(shape, method=m.name, seq_len=cfg.data.seq_len,
                           gradient_checkpointing=t.gradient_checkpointing, lora_params=mem.lora_params)
-    tps, source = _tokens_per_second(cfg, fpt, world, mem, measured_flops_per_token or fpt)
+    tps, source = _tokens_per_second(cfg, fpt, world, mem, inputs.sharding, measured_flops_per_token or fpt)
     return Plan(shape=shape, memory=mem, accelerator=accelerator, world=world, capacity_bytes=capacity,
                 need_bytes=need, fits=fits, flops_per_token=fpt, tokens_per_second=tps, throughput_source=source,
                 settings={"model": cfg.model.name, "method": m.name, "strategy": cfg.strategy.name,
@@ -109,8 +105,9 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
                           "gradient_checkpointing": t.gradient_checkpointing, "precision": t.precision})
 
 
-def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan, measured_fpt: float) -> tuple[float | None, str]:
-    hw, s, t = cfg.hardware, cfg.strategy, cfg.trainer
+def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan, sharding: "Sharding",
+                       measured_fpt: float) -> tuple[float | None, str]:
+    hw, t = cfg.hardware, cfg.trainer
     if hw.tokens_per_second:
         scaled = " scaled by FLOPs per token" if measured_fpt != fpt else ""
         return float(hw.tokens_per_second) * measured_fpt / fpt, f"measured (hardware.tokens_per_second){scaled}"
@@ -118,10 +115,11 @@ def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan, measured_fp
         return None, "no estimate: set hardware.peak_tflops (and hardware.mfu) or hardware.tokens_per_second"
     compute = world * hw.mfu * hw.peak_tflops * 1e12 / fpt
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    micro_steps = max(1, t.global_batch_size // (t.micro_batch_size * world))
+    micro_steps = max(1, settings.grad_accum(global_batch_size=t.global_batch_size,
+                                             micro_batch_size=t.micro_batch_size, world=world))
     extra = offload_seconds_per_step(trainable=mem.trainable_params, module_bytes=mem.total_params * 2, world=world,
-                                     micro_steps=micro_steps, offload_optimizer=s.offload_optimizer or s.cpu_offload,
-                                     offload_params=s.offload_params or s.cpu_offload)
+                                     micro_steps=micro_steps, offload_optimizer=sharding.offload_optimizer,
+                                     offload_params=sharding.offload_params)
     step = tokens_per_step / compute + extra
     return tokens_per_step / step, f"MFU {hw.mfu:g} x {hw.peak_tflops:g} TFLOP/s per GPU" + \
         (" + offload transfers" if extra else "")
@@ -160,16 +158,16 @@ def alternatives(cfg, *, shape: ModelShape | None = None, top: int = 5) -> list[
     (with offload), method, micro-batch and activation checkpointing. Returns (Hydra overrides, plan) pairs."""
     from omegaconf import OmegaConf
 
-    from distft.config.validate import validate_config
+    from distft.config import preset, validate_config
     from distft.errors import ConfigError
-    from distft.plan.presets import preset
+    from distft.methods import METHODS
     from distft.strategy import STRATEGIES
 
     shape = shape or model_shape(cfg.model)
     reference = plan_config(cfg, shape=shape).flops_per_token
     per_worker = cfg.trainer.global_batch_size // cfg.scaling.num_workers
     micro_sizes = [mb for mb in (1, 2, 4, 8, 16, 32) if per_worker % mb == 0] or [cfg.trainer.global_batch_size]
-    methods = ["full", "lora", "qlora"] if cfg.model.supports_4bit else ["full", "lora"]
+    methods = [m for m in METHODS if cfg.model.supports_4bit or m != "qlora"]
     out = []
     for strategy in STRATEGIES:
         for method in methods:

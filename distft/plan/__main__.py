@@ -11,22 +11,17 @@ from pathlib import Path
 
 from distft.errors import UserError
 from distft.plan import GiB, Plan, alternatives, plan_config, predict_run
-from distft.plan.presets import CONF_DIR
 from distft.plan.throughput import dataset_tokens
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from distft.config import register_configs
+    from distft.config import compose as compose_config
 
-    register_configs()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return hydra_compose("train", overrides=overrides)
+        return compose_config(overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"cannot compose the config: {e}") from e
 

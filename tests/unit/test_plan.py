@@ -7,7 +7,14 @@ import torch
 
 from distft.plan import alternatives, plan_config, predict_run
 from distft.plan.__main__ import main as plan_main
-from distft.plan.memory import ZERO_DEFAULTS, GiB, activation_bytes, qlora_bytes_per_param
+from distft.plan.memory import (
+    ZERO_DEFAULTS,
+    GiB,
+    MemoryInputs,
+    activation_bytes,
+    estimate_memory,
+    qlora_bytes_per_param,
+)
 from distft.plan.shapes import SHAPES, ModelShape, model_shape
 from distft.plan.throughput import flops_per_token, matmul_params
 from tests.conftest import compose_cfg
@@ -184,6 +191,31 @@ def test_sharding_and_checkpointing_lower_the_peak():
     assert not ddp.fits and fsdp.fits
 
 
+def test_memory_follows_the_strategy_sharding_not_its_name():
+    """FSDP's cpu_offload (Sharding.offload_params / offload_optimizer) moves this worker's weights, gradients and
+    optimizer states to host memory: each of the node's workers adds them to the host RAM it needs."""
+    import dataclasses
+
+    from distft.strategy import Sharding
+
+    x = MemoryInputs(method="full", sharding=Sharding(engine="fsdp", shards_parameters=True), world=8,
+                     precision="bf16", micro_batch_size=1, seq_len=512, eval_enabled=False, export=False)
+    offload = dataclasses.replace(x, sharding=Sharding(engine="fsdp", shards_parameters=True, offload_params=True,
+                                                       offload_optimizer=True))
+    on, off = estimate_memory(SHAPES["llama2_7b"], x), estimate_memory(SHAPES["llama2_7b"], offload)
+    assert off.train["weights"] == off.train["gradients"] == off.train["optimizer"] == 0
+    moved = sum(on.train[k] for k in ("weights", "lora", "gradients", "optimizer"))
+    assert off.host_per_node_load == on.host_per_node_load + x.gpus_per_node * moved
+
+
+def test_deepspeed_bucket_size_set_by_the_user_reaches_the_plan():
+    base = ["+experiment=gsm8k_lora", "strategy=zero2", *NO_EVAL]
+    default = plan_config(compose_cfg(base))
+    small = plan_config(compose_cfg([*base, "+strategy.deepspeed.zero_optimization.reduce_bucket_size=1000000"]))
+    assert default.train["sharding_buffers"] == 500 * small.train["sharding_buffers"]
+    assert any("reduce_bucket_size 1e+06" in n for n in small.memory.notes)
+
+
 def test_alternatives_are_feasible_and_ranked():
     cfg = compose_cfg(["+experiment=gsm8k_full", "model=llama2_13b", "scaling.num_workers=2",
                        "hardware.gpu_memory_gb=40", "trainer.global_batch_size=16", *NO_EVAL])
@@ -222,7 +254,7 @@ def test_cli_json_and_errors(capsys):
 
 
 def test_summary_records_plan_next_to_measured_peaks(tmp_path):
-    from distft.train import build_summary
+    from distft.summary import build_summary
 
     cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu"])
     (tmp_path / "train_result.json").write_text(json.dumps({"peak_memory_bytes_per_worker": [5, 6], "steps": 1,
