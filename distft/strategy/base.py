@@ -27,6 +27,11 @@ class Sharding:
     buffers: dict = field(default_factory=dict)  # DeepSpeed: the zero_optimization bucket sizes a user set
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train, in module order (the optimizer's and every checkpoint's order)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class Strategy(Protocol):
     @staticmethod
     def sharding(options: dict) -> Sharding:

@@ -9,7 +9,13 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from distft.dtypes import torch_dtype
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
+from distft.strategy.base import (
+    ModelLoader,
+    OptimizerBuilder,
+    SchedulerBuilder,
+    Sharding,
+    trainable_parameters,
+)
 
 
 class DDPStrategy:
@@ -51,7 +57,7 @@ class DDPStrategy:
         self.scheduler = build_scheduler(self.optimizer)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self._module.parameters() if p.requires_grad]
+        return trainable_parameters(self._module)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -26,7 +26,13 @@ import torch
 
 from distft import settings
 from distft.model import disable_bnb_cpu_repack
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
+from distft.strategy.base import (
+    ModelLoader,
+    OptimizerBuilder,
+    SchedulerBuilder,
+    Sharding,
+    trainable_parameters,
+)
 
 TAG = "ds"  # checkpoint sub-directory; always passed explicitly so DeepSpeed's `latest` file is never needed
 # Keys the recipe owns: DeepSpeed's batch arithmetic must match trainer.* and the optimizer/schedule are built
@@ -145,7 +151,7 @@ class DeepSpeedStrategy:
 
         if self.zero_stage == 3:
             disable_bnb_cpu_repack(model)  # a repacked gathered copy would be thrown away, its mark kept
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         optimizer = build_optimizer(params)
         if self.offload_optimizer:
             optimizer = cpu_adam_like(optimizer, params)
@@ -165,7 +171,7 @@ class DeepSpeedStrategy:
 
     def local_trainable_tensors(self) -> list[torch.Tensor]:
         # A ZeRO-3 parameter's own tensor is empty outside a gather; its partition is `ds_tensor`.
-        return [getattr(p, "ds_tensor", p) for p in self.unwrap().parameters() if p.requires_grad]
+        return [getattr(p, "ds_tensor", p) for p in trainable_parameters(self.unwrap())]
 
     # --- training step ------------------------------------------------------------------------------------
     def forward_context(self):

@@ -43,7 +43,13 @@ from torch.distributed.tensor import DTensor
 from distft import settings
 from distft.dtypes import dtype_name
 from distft.model import disable_bnb_cpu_repack
-from distft.strategy.base import ModelLoader, OptimizerBuilder, SchedulerBuilder, Sharding
+from distft.strategy.base import (
+    ModelLoader,
+    OptimizerBuilder,
+    SchedulerBuilder,
+    Sharding,
+    trainable_parameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ class FSDPStrategy:
             dist.broadcast(buf, src=0)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self._module.parameters() if p.requires_grad]
+        return trainable_parameters(self._module)
 
     @property
     def model(self) -> torch.nn.Module:
