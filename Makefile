@@ -10,7 +10,7 @@ export GSM8K_DIR
 endif
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install run test test-fast lint bench clean docker-gpu docker-cpu
+.PHONY: help install run test test-fast package-check lint bench clean docker-gpu docker-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test: $(STAMP)  ## all tests (unit + slow multi-worker Ray runs), on CPU
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+package-check: $(STAMP)  ## build the wheel, install it in a fresh venv outside the checkout, run the CLIs from there
+	bash .ci/package_check
 
 lint: $(STAMP)  ## ruff lint
 	$(BIN)/ruff check distft tests bench

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distft.config.schema import MethodConfig, StrategyConfig, register_configs
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # package data: found from any directory, in a wheel too
 
 
 @contextmanager

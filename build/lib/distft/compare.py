@@ -1,0 +1,220 @@
+"""`python -m distft.train +experiment=gsm8k_compare [overrides]`: full vs LoRA vs QLoRA (or any arms) in one command.
+
+Each arm's config is composed again by Hydra from the same command-line overrides plus the arm's own (`method=`,
+`trainer.lr=`, `compare.arms.<name>.overrides`), so group choices resolve exactly as they would on the command line
+and every arm shares the data, budget and seeds. Every arm is validated before any arm starts. Arms then run as normal
+runs (`distft.launch.launch`), each a complete run directory under one compare directory: one after another, or as
+concurrent Ray tasks when the cluster has room for several (Ray Train V2 trainers can be driven from tasks, the way
+Ray Tune drives them). The report (`distft.report`) follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+
+from distft.config import hydra_context, validate_cluster, validate_config
+from distft.errors import ConfigError, UserError
+from distft.eval.export_eval import evaluate_export, write_result
+from distft.launch import init_ray, launch, local_resources, ray_initialized
+from distft.report import write_report
+from distft.storage import RunStorage
+
+# Keys each arm sets itself; the same keys on the command line would clash (Hydra refuses a group chosen twice).
+ARM_KEYS = ("method", "trainer.lr", "run.name", "run.storage_path", "compare.enabled")
+
+
+def compare_dir(cfg: DictConfig) -> Path:
+    return Path(to_absolute_path(cfg.run.storage_path)) / cfg.run.name
+
+
+def enabled_arms(cfg: DictConfig) -> list[str]:
+    return [name for name, arm in cfg.compare.arms.items() if arm.enabled]
+
+
+def arm_overrides(cfg: DictConfig, name: str, overrides: list[str], root: Path) -> list[str]:
+    """The Hydra overrides that compose arm `name`: the command line's, minus the keys the arm decides, plus the
+    arm's own. Later entries win, so the arm's extra overrides can change anything the command line set."""
+    arm = cfg.compare.arms[name]
+    extra = list(arm.overrides)
+    decided = set(ARM_KEYS) | {_key(o) for o in extra}
+    kept = [o for o in overrides if _key(o) not in decided and not _key(o).startswith("hydra")]
+    own = [f"method={arm.method}"] if arm.method else [o for o in overrides if _key(o) == "method"]
+    if arm.lr is not None:
+        own.append(f"trainer.lr={arm.lr}")
+    elif any(_key(o) == "trainer.lr" for o in overrides):
+        own += [o for o in overrides if _key(o) == "trainer.lr"]
+    group = [] if cfg.logger.group else [f"logger.group={cfg.run.name}"]
+    return [*kept, *own, *extra, *group, "compare.enabled=false", f"run.storage_path={root}", f"run.name={name}"]
+
+
+def _key(override: str) -> str:
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    return parsed.key_or_group
+
+
+def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
+    """Compose every enabled arm; raise one ConfigError listing every arm that cannot be composed or validated."""
+    from hydra import compose
+
+    names = enabled_arms(cfg)
+    if not names:
+        raise ConfigError(["compare.enabled=true but no arm is enabled; set compare.arms.<name>.enabled=true"])
+    root = compare_dir(cfg)
+    arms, problems = {}, []
+    with hydra_context():
+        for name in names:
+            try:
+                arm_cfg = compose("train", overrides=arm_overrides(cfg, name, overrides, root))
+            except Exception as e:  # noqa: BLE001 - Hydra's message names the bad override; report it per arm
+                problems.append(f"compare.arms.{name}: {type(e).__name__}: {e}")
+                continue
+            if arm_cfg.data.path is not None:
+                arm_cfg.data.path = to_absolute_path(arm_cfg.data.path)
+            try:
+                validate_config(arm_cfg)
+            except ConfigError as e:
+                problems += [f"compare.arms.{name}: {p}" for p in e.problems]
+            if cfg.compare.final_eval and not arm_cfg.run.export:
+                problems.append(f"compare.arms.{name}: compare.final_eval=true scores the export, but run.export=false")
+            arms[name] = arm_cfg
+    if problems:
+        raise ConfigError(problems)
+    return arms
+
+
+def arm_resources(cfg: DictConfig) -> dict[str, float]:
+    s = cfg.scaling
+    need = {"CPU": s.num_workers * s.cpus_per_worker}
+    if s.use_gpu:
+        need["GPU"] = s.num_workers * s.gpus_per_worker
+    return need
+
+
+def concurrency(arms: dict[str, DictConfig], available: dict, limit: int | None) -> int:
+    """How many arms (taken in order) fit the cluster's free resources at once; at least 1."""
+    used: dict[str, float] = {}
+    fit = 0
+    for arm_cfg in arms.values():
+        need = arm_resources(arm_cfg)
+        if any(used.get(k, 0) + v > available.get(k, 0) for k, v in need.items()):
+            break
+        for k, v in need.items():
+            used[k] = used.get(k, 0) + v
+        fit += 1
+    fit = max(fit, 1)
+    return min(fit, limit) if limit else fit
+
+
+def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
+    """Run every arm, write compare.json and the report; return the compare record."""
+    import ray
+
+    if cfg.compare.max_concurrent is not None and cfg.compare.max_concurrent < 1:
+        raise ConfigError([f"compare.max_concurrent={cfg.compare.max_concurrent} must be at least 1 (or null)"])
+    root = compare_dir(cfg)
+    arms = compose_arms(cfg, overrides)
+    address = next(iter(arms.values())).run.address or os.environ.get("RAY_ADDRESS")
+    if not address and not ray_initialized():  # check each arm fits a local cluster before starting one
+        _each_arm(arms, lambda c: validate_cluster(c, local_resources(c)))
+    init_ray(_largest(arms), address)
+    _each_arm(arms, lambda c: validate_cluster(c, ray.cluster_resources()))
+
+    root.mkdir(parents=True, exist_ok=True)
+    record = {"name": cfg.run.name, "compare_dir": str(root), "overrides": list(overrides),
+              "arms": {n: {"run_dir": str(root / n), "status": "pending", "error": None} for n in arms}}
+    _write(root, record)
+    parallel = concurrency(arms, ray.available_resources(), cfg.compare.max_concurrent)
+    record["max_concurrent"] = parallel
+    print(f"distft: compare '{cfg.run.name}': {len(arms)} arm(s), {parallel} at a time -> {root}", file=sys.stderr)
+    started = time.time()
+    if parallel == 1:
+        for name, arm_cfg in arms.items():
+            record["arms"][name].update(_run_arm(arm_cfg))
+            _write(root, record)
+    else:
+        _run_concurrently(arms, record, parallel, root)
+    record["wall_seconds"] = time.time() - started
+    _write(root, record)
+    if cfg.compare.final_eval:
+        for name, arm_cfg in arms.items():
+            if record["arms"][name]["status"] == "completed":
+                record["arms"][name]["final_eval"] = final_eval(arm_cfg, cfg.compare)
+                _write(root, record)
+    if cfg.compare.report:
+        record["report"] = str(write_report([root], out_dir=root, wandb="auto"))
+        _write(root, record)
+    return record
+
+
+def _run_arm(arm_cfg: DictConfig) -> dict:
+    """One arm as a normal run. A completed arm (a rerun of the same compare) is kept, not trained again."""
+    if RunStorage(arm_cfg.run.storage_path, arm_cfg.run.name).completed():
+        print(f"distft: compare arm '{arm_cfg.run.name}' already completed; keeping it", file=sys.stderr)
+        return {"status": "completed", "error": None, "reused": True}
+    try:
+        summary = launch(arm_cfg)
+    except UserError as e:
+        return {"status": "failed", "error": str(e)}
+    return {"status": summary["status"], "error": summary["error"]}
+
+
+def final_eval(arm_cfg: DictConfig, compare: DictConfig) -> dict:
+    """GSM8K accuracy of the arm's export over Ray actors (distft.eval), written to <run dir>/eval_gsm8k.json."""
+    run_dir = Path(arm_cfg.run.storage_path) / arm_cfg.run.name
+    s = arm_cfg.scaling
+    result = evaluate_export(run_dir / "export", examples=compare.final_eval_examples,
+                             workers=compare.final_eval_workers or s.num_workers, batch_size=arm_cfg.eval.batch_size,
+                             cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker if s.use_gpu else 0)
+    write_result(result, run_dir / "eval_gsm8k.json")
+    return {k: result[k] for k in ("gsm8k_accuracy", "num_examples", "seconds")}
+
+
+def _run_concurrently(arms: dict[str, DictConfig], record: dict, parallel: int, root: Path) -> None:
+    """At most `parallel` arms in flight, each driven by a zero-CPU Ray task (its workers hold the resources)."""
+    import ray
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(_run_arm)
+    pending = list(arms.items())
+    running: dict = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, arm_cfg = pending.pop(0)
+            running[remote.options(name=f"distft-compare-{name}").remote(arm_cfg)] = name
+            record["arms"][name]["status"] = "running"
+        _write(root, record)
+        done, _ = ray.wait(list(running), num_returns=1)
+        name = running.pop(done[0])
+        try:
+            record["arms"][name].update(ray.get(done[0]))
+        except Exception as e:  # noqa: BLE001 - the arm's driver task died; record it and go on
+            record["arms"][name].update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        _write(root, record)
+
+
+def _each_arm(arms: dict[str, DictConfig], check) -> None:
+    problems = []
+    for name, arm_cfg in arms.items():
+        try:
+            check(arm_cfg)
+        except ConfigError as e:
+            problems += [f"compare.arms.{name}: {p}" for p in e.problems]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _largest(arms: dict[str, DictConfig]) -> DictConfig:
+    return max(arms.values(), key=lambda c: arm_resources(c)["CPU"])
+
+
+def _write(root: Path, record: dict) -> None:
+    tmp = root / "compare.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(root / "compare.json")

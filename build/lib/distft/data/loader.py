@@ -1,0 +1,148 @@
+"""Deterministic, resumable micro-batches of one rank's disjoint shard of rows.
+
+No torch DataLoader: the rows are already tokenized and packed in memory, and a plain object with an
+``(epoch, index)`` state is easy to checkpoint and restore exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from distft.data.format import IGNORE_INDEX
+from distft.data.packing import PackedRow
+from distft.errors import DataError
+
+
+def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
+    """Stack rows into a batch of LongTensors ``[B, L]``.
+
+    Rows of unequal length are right-padded (``pad_id``, label ``-100``) and an ``attention_mask`` is
+    added; equal-length (packed) rows get none, so the model reads segment boundaries from
+    ``position_ids``. ``num_loss_tokens`` counts ``labels[:, 1:] != -100``: the loss compares
+    ``logits[:, :-1]`` with ``labels[:, 1:]`` (token t predicts t+1), so this is the number of terms in
+    the summed loss, the right divisor for a per-token mean across micro-batches and ranks.
+    """
+    lengths = [len(r.input_ids) for r in rows]
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    # Padding positions continue the row's count; with right padding and a causal mask no real token
+    # ever attends to them, and the attention_mask hides them anyway.
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows), 1)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        input_ids[b, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+        labels[b, :n] = torch.tensor(row.labels, dtype=torch.long)
+        position_ids[b, :n] = torch.tensor(row.position_ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if len(set(lengths)) > 1:
+        batch["attention_mask"] = attention_mask
+    batch["num_loss_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return batch
+
+
+class ShardedBatches:
+    """Deterministic, resumable micro-batches of one rank's disjoint shard.
+
+    Epoch ``e`` permutes the rows with ``torch.randperm(n, generator=manual_seed(seed + e))`` (identity
+    when ``shuffle=False``); rank ``r`` takes ``perm[r::world_size]``. By default each rank keeps
+    ``n // world_size`` rows (drop_last) so all ranks run the same number of steps. With
+    ``pad_to_equal=True`` (evaluation) no row is dropped: shorter shards are topped up with empty rows
+    (``pad_id`` tokens, all labels ``-100``) so every rank still has the same number of micro-batches.
+
+    The state ``{"epoch", "index"}`` always names the next micro-batch to produce; it advances as each
+    batch is handed out, so ``state_dict()`` taken right after a batch resumes at the following one.
+    Use one iterator at a time.
+    """
+
+    def __init__(
+        self,
+        rows: list[PackedRow],
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        pad_id: int = 0,
+        pad_to_equal: bool = False,
+    ):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.rows = rows
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.pad_id = pad_id
+        self.pad_to_equal = pad_to_equal
+        n = len(rows)
+        self.rows_per_rank = math.ceil(n / world_size) if pad_to_equal else n // world_size
+        if self.rows_per_rank == 0:
+            raise DataError(
+                f"only {n} row(s) for {world_size} rank(s): every rank needs at least one row "
+                f"(use more data, a larger data.limit, or fewer workers)"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._empty = self._empty_row()
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch for this rank (the last one may be smaller)."""
+        return math.ceil(self.rows_per_rank / self.micro_batch_size)
+
+    def shard(self, epoch: int) -> list[int | None]:
+        """Row indices of this rank for ``epoch``; ``None`` marks an empty padding row."""
+        n = len(self.rows)
+        if self.shuffle:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            perm = list(range(n))
+        mine: list[int | None] = list(perm[self.rank :: self.world_size][: self.rows_per_rank])
+        return mine + [None] * (self.rows_per_rank - len(mine))
+
+    def _empty_row(self) -> PackedRow:
+        """A row that trains on nothing; as long as the rows when they all share one length."""
+        lengths = {len(r.input_ids) for r in self.rows}
+        n = lengths.pop() if len(lengths) == 1 else 1
+        return PackedRow([self.pad_id] * n, [IGNORE_INDEX] * n, list(range(n)))
+
+    def __iter__(self) -> Iterator[dict]:
+        """Yield the rest of the current epoch, from the saved position, advancing the state."""
+        epoch, start = self.epoch, self.index
+        shard = self.shard(epoch)
+        b = self.micro_batch_size
+        for i in range(start, len(self)):
+            rows = [self.rows[j] if j is not None else self._empty for j in shard[i * b : (i + 1) * b]]
+            batch = collate(rows, self.pad_id)
+            if i + 1 == len(self):
+                self.epoch, self.index = epoch + 1, 0
+            else:
+                self.epoch, self.index = epoch, i + 1
+            yield batch
+
+    def forever(self) -> Iterator[dict]:
+        """Yield micro-batches across all epochs, from the saved position (for step-based training)."""
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict:
+        """The position of the next micro-batch: ``{"epoch": int, "index": int}``."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a position saved by ``state_dict`` (same rows, seed, rank and world size)."""
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < len(self):
+            raise ValueError(
+                f"loader state {state} does not fit this loader ({len(self)} micro-batches per epoch); "
+                f"was it saved with different data, micro_batch_size or world_size?"
+            )
+        self.epoch, self.index = epoch, index

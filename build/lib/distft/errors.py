@@ -1,0 +1,18 @@
+"""Errors a user can fix. Entry points print these as one clear message, not a stack trace."""
+
+
+class UserError(Exception):
+    """A problem in the user's input (config, data, environment) with a message that says how to fix it."""
+
+
+class ConfigError(UserError):
+    """The composed config is inconsistent. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(UserError):
+    """The dataset is missing, malformed or empty. Messages name the file and line."""

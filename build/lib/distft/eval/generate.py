@@ -1,0 +1,79 @@
+"""Batched greedy generation for evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    add_special_tokens: bool = False,
+) -> list[str]:
+    """Greedily complete each prompt and return only the new text, in the order of ``prompts``.
+
+    Prompts are sorted by length so each batch carries little padding, and padded on the left so
+    every row's last token sits at the end and generation continues from it. The model (a plain
+    Hugging Face model or a ``peft`` wrapper) runs in eval mode; each module's previous train/eval
+    mode and the tokenizer's padding settings are restored afterwards.
+
+    Args:
+        model: a causal LM with ``generate``; inputs go to the device of its parameters.
+        tokenizer: the model's tokenizer; without a pad token, EOS is used for padding.
+        prompts: fully formatted prompts (chat template already applied), hence no special tokens
+            are added by default.
+        max_new_tokens: generation budget per prompt.
+        batch_size: prompts per ``generate`` call.
+        add_special_tokens: whether the tokenizer adds BOS/EOS-style tokens to each prompt.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+
+    modes = {module: module.training for module in model.modules()}
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    outputs = [""] * len(prompts)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [prompts[i] for i in rows],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+            )
+            input_ids = batch["input_ids"].to(device)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=batch["attention_mask"].to(device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                # each rank generates on its own shard with gathered weights: never sync per token across ranks
+                synced_gpus=False,
+            )
+            texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
+                outputs[i] = text
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        tokenizer.padding_side = padding_side
+        if pad_token is None:
+            tokenizer.pad_token = None
+    return outputs

@@ -1,0 +1,197 @@
+"""`python -m distft.plan`: will a run fit, how fast will it go, what will it cost — from the same Hydra config as
+training, without the hub, the weights or a GPU.
+
+`plan_config(cfg)` is the whole prediction for one composed config; `predict_run` its compact form that every
+training run writes into summary.json next to the measured peaks; `alternatives` ranks other settings for the same
+model and worker count.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from distft import settings
+from distft.plan.memory import (
+    ALLOCATOR_OVERHEAD,
+    CUDA_CONTEXT_BYTES,
+    GiB,
+    MemoryInputs,
+    MemoryPlan,
+    estimate_memory,
+)
+from distft.plan.shapes import ModelShape, model_shape
+from distft.plan.throughput import flops_per_token, offload_seconds_per_step
+
+if TYPE_CHECKING:  # distft.strategy imports torch: imported where a plan is made, not with the package
+    from distft.strategy import Sharding
+
+__all__ = ["Plan", "MemoryInputs", "plan_config", "predict_run", "alternatives", "memory_inputs", "model_shape",
+           "estimate_memory"]
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    memory: MemoryPlan
+    accelerator: str
+    world: int
+    capacity_bytes: int | None  # per worker: GPU memory, or this node's RAM shared by its workers
+    need_bytes: int  # the peak plus what lives outside torch's allocator (GPU)
+    fits: bool | None
+    flops_per_token: float
+    tokens_per_second: float | None
+    throughput_source: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.peak_bytes
+
+    @property
+    def train(self) -> dict:
+        return self.memory.train
+
+    def step_seconds(self, tokens_per_step: int) -> float | None:
+        return tokens_per_step / self.tokens_per_second if self.tokens_per_second else None
+
+
+def memory_inputs(cfg) -> MemoryInputs:
+    """What the planner's memory model reads from a composed config."""
+    from distft.strategy import strategy_sharding
+
+    t, m, hw = cfg.trainer, cfg.method, cfg.hardware
+    sharding = strategy_sharding(cfg.strategy.name, dict(cfg.strategy))
+    world = cfg.scaling.num_workers
+    return MemoryInputs(
+        method=m.name, sharding=sharding, world=world, precision=t.precision,
+        micro_batch_size=t.micro_batch_size, seq_len=cfg.data.seq_len, packing=cfg.data.packing,
+        gradient_checkpointing=t.gradient_checkpointing, lora_r=m.lora_r, lora_dropout=m.lora_dropout,
+        target_modules=tuple(m.target_modules), double_quant=m.double_quant, accelerator=hw.accelerator,
+        eval_enabled=cfg.eval.enabled, eval_batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        export=cfg.run.export, gpus_per_node=hw.gpus_per_node if hw.accelerator == "cuda" else world,
+        rank0_load=settings.rank0_load(cfg.strategy.rank0_load, shards_parameters=sharding.shards_parameters,
+                                       quantized=m.name == "qlora"),
+        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env)
+
+
+def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None = None,
+                measured_flops_per_token: float | None = None) -> Plan:
+    """Predict memory, fit and throughput for a composed training config. A measured hardware.tokens_per_second
+    belongs to the configured settings; for other settings pass that config's FLOPs per token
+    (`measured_flops_per_token`) and the rate is scaled by the FLOPs ratio."""
+    shape = shape or model_shape(cfg.model, model_dir)
+    t, m, hw = cfg.trainer, cfg.method, cfg.hardware
+    world = cfg.scaling.num_workers
+    accelerator = hw.accelerator
+    inputs = memory_inputs(cfg)
+    mem = estimate_memory(shape, inputs)
+    if accelerator == "cuda":
+        capacity = int(hw.gpu_memory_gb * GiB) if hw.gpu_memory_gb else None
+        need = int(mem.peak_bytes * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
+    else:  # CPU workers of one machine share its RAM
+        total = hw.host_memory_gb * GiB if hw.host_memory_gb else _physical_memory()
+        capacity = int(total / world) if total else None
+        need = mem.peak_bytes
+    fits = None if capacity is None else need <= capacity
+    if fits and hw.host_memory_gb and accelerator == "cuda":
+        fits = mem.host_per_node_load <= hw.host_memory_gb * GiB
+    fpt = flops_per_token(shape, method=m.name, seq_len=cfg.data.seq_len,
+                          gradient_checkpointing=t.gradient_checkpointing, lora_params=mem.lora_params)
+    tps, source = _tokens_per_second(cfg, fpt, world, mem, inputs.sharding, measured_flops_per_token or fpt)
+    return Plan(shape=shape, memory=mem, accelerator=accelerator, world=world, capacity_bytes=capacity,
+                need_bytes=need, fits=fits, flops_per_token=fpt, tokens_per_second=tps, throughput_source=source,
+                settings={"model": cfg.model.name, "method": m.name, "strategy": cfg.strategy.name,
+                          "micro_batch_size": t.micro_batch_size, "seq_len": cfg.data.seq_len,
+                          "gradient_checkpointing": t.gradient_checkpointing, "precision": t.precision})
+
+
+def _tokens_per_second(cfg, fpt: float, world: int, mem: MemoryPlan, sharding: "Sharding",
+                       measured_fpt: float) -> tuple[float | None, str]:
+    hw, t = cfg.hardware, cfg.trainer
+    if hw.tokens_per_second:
+        scaled = " scaled by FLOPs per token" if measured_fpt != fpt else ""
+        return float(hw.tokens_per_second) * measured_fpt / fpt, f"measured (hardware.tokens_per_second){scaled}"
+    if not hw.peak_tflops:
+        return None, "no estimate: set hardware.peak_tflops (and hardware.mfu) or hardware.tokens_per_second"
+    compute = world * hw.mfu * hw.peak_tflops * 1e12 / fpt
+    tokens_per_step = t.global_batch_size * cfg.data.seq_len
+    micro_steps = max(1, settings.grad_accum(global_batch_size=t.global_batch_size,
+                                             micro_batch_size=t.micro_batch_size, world=world))
+    extra = offload_seconds_per_step(trainable=mem.trainable_params, module_bytes=mem.total_params * 2, world=world,
+                                     micro_steps=micro_steps, offload_optimizer=sharding.offload_optimizer,
+                                     offload_params=sharding.offload_params)
+    step = tokens_per_step / compute + extra
+    return tokens_per_step / step, f"MFU {hw.mfu:g} x {hw.peak_tflops:g} TFLOP/s per GPU" + \
+        (" + offload transfers" if extra else "")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def predict_run(cfg, *, model_dir: str | None = None) -> dict:
+    """The prediction every training run records in summary.json (and W&B) next to its measured peaks."""
+    plan = plan_config(cfg, model_dir=model_dir)
+    mem = plan.memory
+    return {
+        "peak_bytes": plan.peak_bytes,
+        "peak_bytes_rank0": mem.peak_for("rank0"),
+        "peak_bytes_other_ranks": mem.peak_for("other"),
+        "peak_phase": mem.peak_phase,
+        "phases": {k: v for k, v in mem.phases.items()},
+        "components": dict(mem.train),
+        "measured_as": "peak CUDA memory allocated" if plan.accelerator == "cuda" else "peak resident memory (RSS)",
+        "need_bytes": plan.need_bytes,
+        "capacity_bytes": plan.capacity_bytes,
+        "fits": plan.fits,
+        "host_per_node_load_bytes": mem.host_per_node_load,
+        "total_params": mem.total_params,
+        "trainable_params": mem.trainable_params,
+    }
+
+
+def alternatives(cfg, *, shape: ModelShape | None = None, top: int = 5) -> list[tuple[list[str], Plan]]:
+    """Feasible settings for the same model and worker count, fastest first (then smallest peak): strategy
+    (with offload), method, micro-batch and activation checkpointing. Returns (Hydra overrides, plan) pairs."""
+    from omegaconf import OmegaConf
+
+    from distft.config import preset, validate_config
+    from distft.errors import ConfigError
+    from distft.methods import METHODS
+    from distft.strategy import STRATEGIES
+
+    shape = shape or model_shape(cfg.model)
+    reference = plan_config(cfg, shape=shape).flops_per_token
+    per_worker = cfg.trainer.global_batch_size // cfg.scaling.num_workers
+    micro_sizes = [mb for mb in (1, 2, 4, 8, 16, 32) if per_worker % mb == 0] or [cfg.trainer.global_batch_size]
+    methods = [m for m in METHODS if cfg.model.supports_4bit or m != "qlora"]
+    out = []
+    for strategy in STRATEGIES:
+        for method in methods:
+            for mb in micro_sizes:
+                for gc in (False, True):
+                    alt = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+                    OmegaConf.set_struct(alt, False)
+                    alt.strategy = preset("strategy", strategy)
+                    if method != cfg.method.name:
+                        alt.method = preset("method", method)
+                    alt.trainer.micro_batch_size = mb
+                    alt.trainer.gradient_checkpointing = gc
+                    try:
+                        validate_config(alt)
+                    except ConfigError:
+                        continue
+                    plan = plan_config(alt, shape=shape, measured_flops_per_token=reference)
+                    if plan.fits is False:
+                        continue
+                    overrides = [f"strategy={strategy}", f"method={method}", f"trainer.micro_batch_size={mb}",
+                                 f"trainer.gradient_checkpointing={str(gc).lower()}"]
+                    out.append((overrides, plan))
+    # Fastest first; without a throughput estimate, the cheapest in FLOPs per token; then larger micro-batches
+    # (better kernels) and the smaller peak.
+    out.sort(key=lambda item: (-(item[1].tokens_per_second or 0), item[1].flops_per_token,
+                               "offload" in item[0][0], -item[1].settings["micro_batch_size"], item[1].peak_bytes))
+    return out[:top]

@@ -1,0 +1,312 @@
+"""The per-worker recipe, top to bottom: model → method → strategy → data → resume → loop → evaluate → export.
+
+`run_training` is what every worker runs: `distft.worker` calls it under Ray Train, a test or a benchmark calls it
+in one process. It imports no Ray and never branches on the strategy: DDP/FSDP/DeepSpeed differences live behind
+`distft.strategy.Strategy`.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from distft import dist, loop, settings
+from distft.checkpoint import Checkpointer
+from distft.data import ShardedBatches, build_rows, load_examples
+from distft.eval.evaluate import evaluate
+from distft.export import export_and_verify
+from distft.faults import Faults
+from distft.methods import apply_method, quantization_config
+from distft.model import count_params, load_model, load_tokenizer
+from distft.optim import build_optimizer, build_scheduler
+from distft.plan.preflight import reload_check
+from distft.settings import RunSettings, run_settings
+from distft.strategy import Strategy, build_strategy
+from distft.tracking import MetricsFile, RunTracker, WandbLogger
+
+log = logging.getLogger("distft")
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker stands in the run."""
+
+    run_dir: Path  # this worker's copy of the run directory (rank 0 writes distft's files there)
+    model_dir: str  # what `from_pretrained` reads: a prepared local directory or a hub id
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume_dir: Path | None = None  # the checkpoint to resume from, as a local directory
+    resumed_from: str | None = None  # where that checkpoint lives, as summary.json shows it
+    resume_warning: str | None = None  # an incomplete checkpoint was skipped
+    worker_nodes: int | None = None
+    plan: dict | None = None  # the planner's prediction, logged to W&B next to the measured peaks
+
+
+@dataclass
+class RunHooks:
+    """What the run needs from its launcher; no-ops in one process, Ray Train's under `distft.worker`."""
+
+    report: Callable[[dict, Path, int], None] = lambda metrics, ckpt_dir, step: None  # hand a checkpoint over
+    sync: Callable[..., None] | None = None  # rank 0: upload files of run_dir to the run's storage
+    should_stop: Callable[[], str | None] | None = None  # a reason to checkpoint and stop at the step boundary
+    fetch_checkpoint: Callable[[int], tuple] | None = None  # preflight: (checkpoint, location) of a saved step
+
+    def upload(self, *names: str) -> None:
+        if self.sync is not None:
+            self.sync(*names)
+
+
+@dataclass
+class TrainData:
+    rows: list
+    stats: dict
+    batches: ShardedBatches
+    template: str
+    steps_per_epoch: int
+    max_steps: int
+
+
+def run_training(cfg, ctx: WorkerContext, hooks: RunHooks | None = None) -> dict:
+    """The whole run on one worker. Returns what rank 0 writes to train_result.json."""
+    hooks = hooks or RunHooks()
+    setup_process(cfg, ctx)
+    memory = dist.PhasePeaks(ctx.device, "load")  # peaks per phase, next to the planner's phases
+    run = run_settings(cfg, world=ctx.world)
+    strategy, model, tokenizer = build_model(cfg, ctx, run)
+    params = count_params(model)
+    data = build_data(cfg, ctx, tokenizer, run)
+    memory.switch("prepare")  # wrapping, optimizer states, DeepSpeed's buckets (no phase of the plan's own)
+    prepare_strategy(strategy, model, cfg.trainer, lr=run.lr, max_steps=data.max_steps)
+    checkpointer = Checkpointer(strategy, rank=ctx.rank, world=ctx.world, every=cfg.trainer.checkpoint_every,
+                                max_steps=data.max_steps, report=hooks.report,
+                                info={group: cfg[group].name for group in ("method", "strategy", "model")})
+    step = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed)
+    tracker = build_tracker(cfg, ctx, resume_step=step)
+    evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template)
+    eval_start = evaluate_at_start(cfg, ctx, hooks, evaluate_now, memory) if step == 0 else None
+    trained = loop.train(strategy, data.batches, step=step, max_steps=data.max_steps, grad_accum=run.grad_accum,
+                         max_grad_norm=cfg.trainer.max_grad_norm, world=ctx.world, device=ctx.device,
+                         tracker=tracker, checkpointer=checkpointer, faults=Faults(ctx.rank, ctx.run_dir),
+                         memory=memory, should_stop=hooks.should_stop, preflight=cfg.preflight,
+                         after_save=lambda: hooks.upload("metrics.jsonl"))
+    if trained.stopped:
+        return write_result(ctx, hooks, {"steps": trained.step, "max_steps": data.max_steps,
+                                         "stopped": trained.stopped, "resumed_from": resumed_from(ctx)},
+                            "train_result.json", "metrics.jsonl")
+    if cfg.preflight:
+        return write_result(ctx, hooks, preflight(strategy, ctx, hooks, trained, memory, params), "train_result.json")
+    eval_end = None
+    if cfg.eval.enabled:
+        memory.switch("eval")
+        eval_end = evaluate_now()
+    export_check = export(cfg, ctx, strategy, tokenizer, run, probe_row=data.rows[0], memory=memory)
+    result = train_result(ctx, run, data, trained, memory, params, eval_start=eval_start, eval_end=eval_end,
+                          export_check=export_check, exported=cfg.run.export)
+    write_result(ctx, hooks, result, "train_result.json", "metrics.jsonl", "eval_start.json", "export_probe.pt",
+                 "export")
+    tracker.finish(summary_for_wandb(eval_end, ctx.plan, result))
+    return result
+
+
+def setup_process(cfg, ctx: WorkerContext) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"[rank{ctx.rank}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.use_deterministic_algorithms(ctx.device.type == "cpu", warn_only=True)
+
+
+def build_model(cfg, ctx: WorkerContext, run: RunSettings) -> tuple[Strategy, torch.nn.Module, object]:
+    """The strategy, this rank's copy of the base model with the method applied, and the tokenizer."""
+    trainer, method = cfg.trainer, cfg.method
+    torch.manual_seed(trainer.seed)  # identical LoRA init on every rank
+    tokenizer = load_tokenizer(ctx.model_dir, revision=cfg.model.revision)
+    quant = quant_config(method, run)
+    strategy = build_strategy(cfg.strategy.name, device=ctx.device, precision=trainer.precision,
+                              micro_batch_size=trainer.micro_batch_size, grad_accum=run.grad_accum,
+                              options=OmegaConf.to_container(cfg.strategy, resolve=True))
+    # The strategy decides which ranks read the weights (sharded strategies: rank 0 only, see `load_model`).
+    model = strategy.load_model(partial(load_model, ctx.model_dir, dtype=run.load_dtype, quantization_config=quant,
+                                        device=ctx.device, attn_implementation=cfg.model.attn_implementation,
+                                        revision=cfg.model.revision),
+                                rank=ctx.rank, quantized=quant is not None)
+    model = apply_method(model, name=method.name, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
+                         lora_dropout=method.lora_dropout, target_modules=list(method.target_modules),
+                         gradient_checkpointing=trainer.gradient_checkpointing)
+    return strategy, model, tokenizer
+
+
+def quant_config(method, run: RunSettings):
+    """bitsandbytes' 4-bit config for QLoRA (None for full / LoRA)."""
+    if not run.quantized:
+        return None
+    return quantization_config(quant_type=method.quant_type, double_quant=method.double_quant,
+                               compute_dtype=run.compute_dtype, quant_storage=method.quant_storage)
+
+
+def build_data(cfg, ctx: WorkerContext, tokenizer, run: RunSettings) -> TrainData:
+    """The training rows (validated, formatted, masked, packed) and this rank's resumable batches of them."""
+    d, trainer = cfg.data, cfg.trainer
+    template = d.template if cfg.model.chat_template else "plain"
+    rows, stats = build_rows(name=d.name, path=d.path, split="train", tokenizer=tokenizer, template=template,
+                             seq_len=d.seq_len, packing=d.packing, limit=d.max_train_examples, hub_id=d.hub_id,
+                             system_prompt=d.system_prompt)
+    batches = ShardedBatches(rows, micro_batch_size=trainer.micro_batch_size, rank=ctx.rank, world_size=ctx.world,
+                             seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
+    steps_per_epoch = len(batches) // run.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(rows)} training rows cannot fill one step of trainer.global_batch_size="
+            f"{trainer.global_batch_size}; lower the batch size or add data"
+        )
+    total = settings.max_steps(max_steps=trainer.max_steps, epochs=trainer.epochs, steps_per_epoch=steps_per_epoch)
+    return TrainData(rows, stats, batches, template, steps_per_epoch, total)
+
+
+def prepare_strategy(strategy: Strategy, model: torch.nn.Module, trainer, *, lr: float, max_steps: int) -> None:
+    """Wrap or shard the model and build its optimizer and schedule (the strategy owns both)."""
+    warmup = settings.warmup_steps(warmup_steps=trainer.warmup_steps, warmup_ratio=trainer.warmup_ratio,
+                                   total_steps=max_steps)
+    strategy.prepare(
+        model,
+        build_optimizer=partial(build_optimizer, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,
+                                weight_decay=trainer.weight_decay),
+        build_scheduler=partial(build_scheduler, schedule=trainer.lr_schedule, warmup=warmup, total=max_steps,
+                                min_lr_ratio=trainer.min_lr_ratio),
+    )
+
+
+def resume(checkpointer: Checkpointer, batches: ShardedBatches, ctx: WorkerContext, *, seed: int) -> int:
+    """The step to start from: the resumed checkpoint's (its RNG and data position restored), else 0."""
+    if ctx.resume_dir is None:
+        torch.manual_seed(seed + 1000 * (ctx.rank + 1))  # per-rank dropout stream; a resume restores it instead
+        return 0
+    state = checkpointer.restore(ctx.resume_dir)
+    batches.load_state_dict(state["loader"])
+    return state["step"]
+
+
+def build_tracker(cfg, ctx: WorkerContext, *, resume_step: int) -> RunTracker:
+    """Rank 0 writes metrics.jsonl (and W&B); the other ranks' tracker records nothing."""
+    if ctx.rank != 0:
+        return RunTracker()
+    wandb = None
+    if cfg.logger.name == "wandb":
+        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                            tags=list(cfg.logger.tags), mode=cfg.logger.mode, run_name=cfg.run.name,
+                            run_dir=ctx.run_dir, config=OmegaConf.to_container(cfg),
+                            resume=ctx.resume_dir is not None)
+    return RunTracker(MetricsFile(ctx.run_dir / "metrics.jsonl", resume_step=resume_step), wandb,
+                      log_every=cfg.trainer.log_every, progress_bar=cfg.trainer.progress_bar)
+
+
+def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, template: str) -> Callable[[], dict]:
+    """A call that evaluates the model as it is now on the test split (loaded once, here)."""
+    e, d = cfg.eval, cfg.data
+    limits = [e.loss_examples, e.gsm8k_examples]
+    limit = None if any(x is None for x in limits) else max(limits)
+    examples = load_examples(d.name, d.path, "test", hub_id=d.hub_id, limit=limit,
+                             system_prompt=d.system_prompt) if e.enabled else []
+    return partial(evaluate, strategy, tokenizer, examples, template=template, seq_len=d.seq_len,
+                   packing=d.packing, micro_batch_size=cfg.trainer.micro_batch_size, loss_examples=e.loss_examples,
+                   gsm8k_examples=e.gsm8k_examples if d.name == "gsm8k" else 0, max_new_tokens=e.max_new_tokens,
+                   batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device)
+
+
+def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, memory: dist.PhasePeaks) -> dict | None:
+    """The base model's evaluation before the first step (eval.at_start), written to eval_start.json."""
+    if not (cfg.eval.enabled and cfg.eval.at_start):
+        return None
+    with memory.during("eval"):
+        result = evaluate_now()
+    if ctx.rank == 0:
+        write_json(ctx.run_dir / "eval_start.json", result)
+        hooks.upload("eval_start.json")
+    return result
+
+
+def export(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, run: RunSettings, *, probe_row,
+           memory: dist.PhasePeaks) -> dict | None:
+    """export/ (run.export): a plain HF model or peft adapter, reloaded and checked against the trained logits."""
+    if not cfg.run.export:
+        return None
+    memory.switch("export")
+    method = cfg.method
+    quant = quant_config(method, run)
+    merge = method.merge_on_export and method.name != "full"
+    return export_and_verify(strategy, tokenizer, export_dir=ctx.run_dir / "export",
+                             probe=torch.tensor([probe_row.input_ids[:128]]), rank=ctx.rank, device=ctx.device,
+                             method=method.name, dtype=run.load_dtype, quant_config=quant,
+                             precision=cfg.trainer.precision, run_dir=ctx.run_dir,
+                             merge_base=ctx.model_dir if merge else None,
+                             merge_dtype=run.compute_dtype)  # the merged base unquantised, in the compute dtype
+
+
+def preflight(strategy: Strategy, ctx: WorkerContext, hooks: RunHooks, trained: loop.LoopResult,
+              memory: dist.PhasePeaks, params: tuple[int, int]) -> dict:
+    """Preflight's second half: reload the checkpoint step 1 saved, as a restart would, and measure."""
+    memory.switch("reload")
+    reloaded = reload_check(strategy, checkpoint=hooks.fetch_checkpoint(trained.step), rank=ctx.rank,
+                            world=ctx.world, device=ctx.device)
+    return {"steps": trained.step, "preflight": True, "train_loss_first_step": trained.loss,
+            **memory_result(memory), **params_result(params), **reloaded}
+
+
+def train_result(ctx: WorkerContext, run: RunSettings, data: TrainData, trained: loop.LoopResult,
+                 memory: dist.PhasePeaks, params: tuple[int, int], *, eval_start: dict | None,
+                 eval_end: dict | None, export_check: dict | None, exported: bool) -> dict:
+    """train_result.json of a finished run (collective: the memory peaks are gathered from every rank)."""
+    return {"steps": trained.step, "max_steps": data.max_steps, "steps_per_epoch": data.steps_per_epoch,
+            "grad_accum": run.grad_accum, "lr": run.lr, "tokens_per_second": trained.tokens_per_second,
+            **memory_result(memory), **params_result(params), "data": data.stats,
+            "eval_start": eval_start, "eval": eval_end,
+            "export_dir": str(ctx.run_dir / "export") if exported else None, "export_check": export_check,
+            "resumed_from": resumed_from(ctx), "worker_nodes": ctx.worker_nodes,
+            "resume_warning": ctx.resume_warning}
+
+
+def memory_result(memory: dist.PhasePeaks) -> dict:
+    peaks, by_phase = memory.gather()
+    return {"peak_memory_bytes": int(max(peaks)), "peak_memory_bytes_per_worker": peaks,
+            "peak_memory_bytes_by_phase": by_phase,
+            "memory_at_start_bytes_per_worker": dist.all_gather_objects(memory.start_bytes)}
+
+
+def params_result(params: tuple[int, int]) -> dict:
+    return {"trainable_params": params[0], "total_params": params[1]}
+
+
+def resumed_from(ctx: WorkerContext) -> str | None:
+    return ctx.resumed_from or (str(ctx.resume_dir) if ctx.resume_dir else None)
+
+
+def summary_for_wandb(eval_end: dict | None, plan: dict | None, result: dict) -> dict:
+    """Eval numbers, and the planner's prediction next to what was measured, so every run checks the planner."""
+    out = {k: v for k, v in (eval_end or {}).items() if isinstance(v, (int, float))}
+    if plan:
+        by_phase = result["peak_memory_bytes_by_phase"]
+        out.update({"plan/predicted_peak_bytes": plan.get("peak_bytes"),
+                    "plan/measured_peak_bytes": result["peak_memory_bytes"], "plan/fits": plan.get("fits"),
+                    **{f"plan/{phase}/predicted_peak_bytes": max(p.values())
+                       for phase, p in plan.get("phases", {}).items()},
+                    **{f"plan/{phase}/measured_peak_bytes": max(v) for phase, v in (by_phase or {}).items()}})
+    return out
+
+
+def write_result(ctx: WorkerContext, hooks: RunHooks, result: dict, *uploads: str) -> dict:
+    """Rank 0 writes train_result.json and uploads it with the other files named."""
+    if ctx.rank == 0:
+        write_json(ctx.run_dir / "train_result.json", result)
+        hooks.upload(*uploads)
+    return result
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

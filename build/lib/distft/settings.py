@@ -1,0 +1,79 @@
+"""Settings derived from the config, each computed in one place: the recipe, the planner, validation and the
+strategies all read them from here, so what a run does and what the planner predicts cannot drift apart."""
+
+import math
+from dataclasses import dataclass
+
+
+def grad_accum(*, global_batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Micro-batches per worker per optimizer step."""
+    return global_batch_size // (micro_batch_size * world)
+
+
+def batch_problem(*, global_batch_size: int, micro_batch_size: int, world: int) -> str | None:
+    """Why the global batch cannot be split into micro-batches over the workers, with the nearest sizes that can."""
+    per_step = micro_batch_size * world
+    if per_step < 1 or global_batch_size % per_step == 0:
+        return None
+    lower = max(per_step, global_batch_size // per_step * per_step)
+    return (f"trainer.global_batch_size={global_batch_size} is not a multiple of trainer.micro_batch_size x "
+            f"scaling.num_workers = {micro_batch_size} x {world} = {per_step}; use "
+            f"trainer.global_batch_size={lower} or {lower + per_step}")
+
+
+def learning_rate(*, lr: float | None, default_lr: float) -> float:
+    """trainer.lr, else the method's default."""
+    return lr if lr is not None else default_lr
+
+
+def max_steps(*, max_steps: int | None, epochs: int, steps_per_epoch: int) -> int:
+    """trainer.max_steps, else trainer.epochs over the training rows."""
+    return max_steps or epochs * steps_per_epoch
+
+
+def warmup_steps(*, warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int:
+    """trainer.warmup_steps, else trainer.warmup_ratio of the run."""
+    return warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total_steps)
+
+
+def compute_dtype(*, compute: str | None, precision: str) -> str:
+    """method.compute_dtype (the 4-bit layers' matmul dtype), else trainer.precision."""
+    return compute or precision
+
+
+def load_dtype(method: str, *, precision: str, compute: str | None = None) -> str:
+    """The dtype the base weights are loaded in. Full fine-tuning keeps fp32 master weights (autocast or the engine
+    does the bf16 math); frozen LoRA bases load in the compute precision to halve their memory, and QLoRA's
+    unquantised parameters in the 4-bit layers' compute dtype."""
+    if method == "full":
+        return "fp32"
+    return compute_dtype(compute=compute, precision=precision) if method == "qlora" else precision
+
+
+def rank0_load(option: bool | None, *, shards_parameters: bool, quantized: bool) -> bool:
+    """Whether only rank 0 reads the weights (`strategy.rank0_load`; None: on wherever parameters are sharded,
+    except for 4-bit bases, which bitsandbytes quantises while each rank loads them)."""
+    return shards_parameters and not quantized and option is not False
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one worker derives from the config before it sees any data."""
+
+    grad_accum: int
+    lr: float
+    compute_dtype: str
+    load_dtype: str
+    quantized: bool
+
+
+def run_settings(cfg, *, world: int) -> RunSettings:
+    t, m = cfg.trainer, cfg.method
+    return RunSettings(
+        grad_accum=grad_accum(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                              world=world),
+        lr=learning_rate(lr=t.lr, default_lr=m.default_lr),
+        compute_dtype=compute_dtype(compute=m.compute_dtype, precision=t.precision),
+        load_dtype=load_dtype(m.name, precision=t.precision, compute=m.compute_dtype),
+        quantized=m.name == "qlora",
+    )

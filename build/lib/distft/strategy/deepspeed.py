@@ -1,0 +1,350 @@
+"""DeepSpeed ZeRO stages 1-3 (and ZeRO-3 with CPU offload) behind the `Strategy` interface.
+
+ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also the parameters themselves. The recipe's own
+torch AdamW and LambdaLR scheduler are handed to DeepSpeed as client objects, so every strategy optimises with the
+same hyper-parameters and schedule (ZeRO-Offload swaps AdamW for DeepSpeedCPUAdam with the same settings).
+
+Three things the recipe relies on that DeepSpeed does differently by default:
+- The loss the recipe passes to `backward` is already normalised for the global batch, so DeepSpeed must not divide
+  it by `gradient_accumulation_steps` again (`scale_wrt_gas=False`), and its accumulation boundary follows
+  `sync_context(sync=True)` rather than DeepSpeed's own micro-step counter.
+- Gradient clipping is a `step(max_grad_norm)` argument, not a config key fixed at start-up.
+- ZeRO-3 parameters live partitioned across ranks, so export and generation gather them first (see below).
+
+Loading under ZeRO-3 (`rank0_load`, on by default except for QLoRA) uses transformers' own DeepSpeed integration:
+while an `HfDeepSpeedConfig` is alive, `from_pretrained` builds the model inside `deepspeed.zero.Init` (each
+parameter is partitioned as it is created) and reads the checkpoint on rank 0 only (the other ranks map it to meta
+tensors), then scatters it. ZeRO-1/2 keep whole weights on every rank, so every rank loads.
+"""
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from distft import settings
+from distft.model import disable_bnb_cpu_repack
+from distft.strategy.base import (
+    ModelLoader,
+    OptimizerBuilder,
+    SchedulerBuilder,
+    Sharding,
+    trainable_parameters,
+)
+
+TAG = "ds"  # checkpoint sub-directory; always passed explicitly so DeepSpeed's `latest` file is never needed
+# Keys the recipe owns: DeepSpeed's batch arithmetic must match trainer.* and the optimizer/schedule are built
+# from trainer.* (a DeepSpeed `optimizer`/`scheduler` section would be ignored or conflict with the client ones).
+RECIPE_KEYS = {
+    "train_batch_size": "trainer.global_batch_size",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.global_batch_size / (trainer.micro_batch_size x scaling.num_workers)",
+    "gradient_clipping": "trainer.max_grad_norm",
+    "optimizer": "trainer.lr / trainer.betas / trainer.eps / trainer.weight_decay",
+    "scheduler": "trainer.lr_schedule / trainer.warmup_steps",
+    "fp16": "trainer.precision",
+    "bf16": "trainer.precision",
+}
+_QLORA_LOAD = ("transformers builds bitsandbytes 4-bit models without deepspeed.zero.Init; they are quantised "
+               "while each rank loads them")
+_GATHER_NUMEL = 2**27  # parameters gathered at once when consolidating ZeRO-3 weights (512 MiB in fp32)
+# zero_optimization keys a user may set through strategy.deepspeed that size DeepSpeed's buffers (for the planner)
+_BUFFER_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters", "stage3_param_persistence_threshold")
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` merged over `base`, recursing into nested dicts (neither input is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_config(*, zero_stage: int, precision: str, micro_batch_size: int, grad_accum: int,
+                 offload_optimizer: bool = False, offload_params: bool = False, pin_memory: bool = False,
+                 extra: dict | None = None) -> dict:
+    """The DeepSpeed config for one run; `extra` (strategy.deepspeed) is merged over it."""
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 1.0,  # placeholder: step(max_grad_norm) sets the value actually used
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the client optimizer is torch AdamW
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,  # the recipe logs; keep DeepSpeed's own progress lines quiet
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, _plain(extra or {}))
+
+
+def _plain(value):
+    """OmegaConf containers (strategy.deepspeed comes from Hydra) as plain dicts/lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class DeepSpeedStrategy:
+    def __init__(self, *, device: torch.device, precision: str = "fp32", micro_batch_size: int = 1,
+                 grad_accum: int = 1, zero_stage: int = 2, offload_optimizer: bool = False,
+                 offload_params: bool = False, deepspeed: dict | None = None, rank0_load: bool | None = None,
+                 **_other_strategy_options):
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"strategy.zero_stage={zero_stage}: DeepSpeed strategies use ZeRO stage 1, 2 or 3")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"trainer.precision={precision}: the DeepSpeed strategies run fp32 or bf16")
+        self.device = device
+        self.precision = precision
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.config = build_config(zero_stage=zero_stage, precision=precision, micro_batch_size=micro_batch_size,
+                                   grad_accum=grad_accum, offload_optimizer=offload_optimizer,
+                                   offload_params=offload_params, pin_memory=device.type == "cuda",
+                                   extra=deepspeed)
+        self.rank0_load = rank0_load  # None: on for ZeRO-3 unless the model is 4-bit
+        self._engine = None
+        self._scheduler = None
+
+    @staticmethod
+    def sharding(options: dict) -> Sharding:
+        zero = (_plain(options.get("deepspeed") or {})).get("zero_optimization") or {}
+        stage = options.get("zero_stage", 0)
+        return Sharding(engine="deepspeed", shards_parameters=stage == 3, zero_stage=stage,
+                        offload_params=bool(options.get("offload_params", False)),
+                        offload_optimizer=bool(options.get("offload_optimizer", False)),
+                        buffers={k: zero[k] for k in _BUFFER_KEYS if k in zero})
+
+    def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
+        """ZeRO-3: partition while loading, weights read on rank 0 (transformers + deepspeed.zero.Init)."""
+        if not settings.rank0_load(self.rank0_load, shards_parameters=self.zero_stage == 3, quantized=quantized):
+            if quantized and self.zero_stage == 3:
+                logging.getLogger(__name__).info("ZeRO-3: every rank loads the 4-bit base (%s)", _QLORA_LOAD)
+            return load()
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # transformers keeps only a weak reference: the object must stay alive for the whole load, and is unset
+        # afterwards so later from_pretrained calls (export check, merge) load normally on one rank.
+        ds_config = HfDeepSpeedConfig(self.config)
+        try:
+            return load()
+        finally:
+            del ds_config
+            unset_hf_deepspeed_config()
+
+    # --- setup --------------------------------------------------------------------------------------------
+    def prepare(self, model, build_optimizer: OptimizerBuilder, build_scheduler: SchedulerBuilder) -> None:
+        import deepspeed
+
+        if self.zero_stage == 3:
+            disable_bnb_cpu_repack(model)  # a repacked gathered copy would be thrown away, its mark kept
+        params = trainable_parameters(model)
+        optimizer = build_optimizer(params)
+        if self.offload_optimizer:
+            optimizer = cpu_adam_like(optimizer, params)
+        scheduler = build_scheduler(optimizer)
+        # DeepSpeed steps the client scheduler once per optimizer step; ZeRO keeps the client optimizer's
+        # param_group dicts, so the scheduler's learning rates reach the sharded update.
+        self._engine, _, _, ds_scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                lr_scheduler=scheduler, config=self.config)
+        self._scheduler = ds_scheduler or scheduler
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._engine
+
+    def unwrap(self) -> torch.nn.Module:
+        return self._engine.module
+
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        # A ZeRO-3 parameter's own tensor is empty outside a gather; its partition is `ds_tensor`.
+        return [getattr(p, "ds_tensor", p) for p in trainable_parameters(self.unwrap())]
+
+    # --- training step ------------------------------------------------------------------------------------
+    def forward_context(self):
+        return contextlib.nullcontext()  # bf16: the engine casts the module itself; fp32: nothing to do
+
+    @contextlib.contextmanager
+    def sync_context(self, sync: bool):
+        # The last micro-batch of an optimizer step is the accumulation boundary: ZeRO-1 all-reduces and ZeRO-2/3
+        # finish their reductions there, and `step()` then updates once.
+        self._engine.set_gradient_accumulation_boundary(sync)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The recipe already divided by the global batch's answer tokens; DeepSpeed averages over workers itself.
+        self._engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, max_grad_norm: float) -> float:
+        self._set_clipping(max_grad_norm)
+        self._engine.step()  # clip, optimizer step, scheduler step, zero grads
+        norm = self._engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _set_clipping(self, max_grad_norm: float) -> None:
+        value = float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else 0.0
+        self._engine._config.gradient_clipping = value
+        if hasattr(self._engine.optimizer, "clip_grad"):  # ZeRO optimizers read it at every step
+            self._engine.optimizer.clip_grad = value
+
+    def current_lr(self) -> float:
+        return float(self._scheduler.get_last_lr()[0])
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def save(self, ckpt_dir: Path, rank: int) -> None:
+        # Collective. Every rank writes its own ZeRO shard (zero_pp_rank_<rank>_..._optim_states.pt, and under
+        # ZeRO-3 zero_pp_rank_<rank>_mp_rank_00_model_states.pt); rank 0 also writes mp_rank_00_model_states.pt
+        # (ZeRO-1/2: the trainable weights and the scheduler). The names never collide across ranks, so Ray can
+        # merge the ranks' directories. Frozen weights (a LoRA base) are reloaded from the base model instead.
+        self._engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, ckpt_dir: Path, rank: int) -> None:
+        path, _ = self._engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True,
+                                               load_module_strict=False)  # frozen weights were not saved
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir / TAG}")
+
+    # --- export and generation ----------------------------------------------------------------------------
+    def export(self, out_dir: Path, tokenizer, rank: int) -> None:
+        module = self.unwrap()
+        adapter = hasattr(module, "peft_config")
+        # Every rank takes part in the gathers; only rank 0 keeps the tensors and writes.
+        state = self.consolidated_state_dict(trainable_only=adapter, rank=rank)
+        if rank != 0:
+            return
+        module.config.use_cache = True
+        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        module.config.use_cache = False
+        tokenizer.save_pretrained(out_dir)
+
+    def consolidated_state_dict(self, *, trainable_only: bool, rank: int) -> dict[str, torch.Tensor]:
+        """Full CPU tensors of the model's parameters (only the trainable ones if asked), on rank 0; {} elsewhere.
+
+        ZeRO-3: parameters are gathered a bounded number of elements at a time (collective: all ranks call this).
+        bf16 runs export the fp32 master weights of trainable parameters rather than their bf16 working copies.
+        """
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.unwrap()
+        named = [(n, p) for n, p in module.named_parameters(remove_duplicate=False)
+                 if p.requires_grad or not trainable_only]
+        unique = list({id(p): p for _, p in named}.values())  # tied weights once, in a fixed order on all ranks
+        full: dict[int, torch.Tensor] = {}
+        for chunk in _chunks(unique, _GATHER_NUMEL):
+            gather = deepspeed.zero.GatheredParameters(chunk, modifier_rank=None) if self.zero_stage == 3 \
+                else contextlib.nullcontext()
+            with gather:
+                for p in chunk:
+                    master = safe_get_full_fp32_param(p) if self.precision != "fp32" and p.requires_grad else None
+                    tensor = master if master is not None else p.detach()
+                    if rank == 0:
+                        full[id(p)] = tensor.to("cpu", copy=True).contiguous()
+        if rank != 0:
+            return {}
+        state = {name: full[id(p)] for name, p in named}  # tied names share one tensor, as in the model
+        if not trainable_only:
+            persistent = module.state_dict().keys()  # cheap under ZeRO-3: partitioned parameters are empty
+            state.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in persistent})
+        return state
+
+    @contextlib.contextmanager
+    def generation_context(self):
+        """ZeRO-1/2: the module itself (every rank holds all weights). ZeRO-3: every rank gathers the full weights
+        for the duration and the ZeRO-3 fetch/release hooks are detached, so `generate` runs without collectives
+        and ranks may take different numbers of decoding steps. The whole model must fit in one device's
+        memory next to the training state (true for LoRA/full runs of the models that train on one node)."""
+        module = self.unwrap()
+        if self.zero_stage < 3:
+            yield module
+            return
+        import deepspeed
+
+        offload = self._engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            _detach_zero3_hooks(offload)
+            try:
+                yield module
+            finally:
+                _attach_zero3_hooks(offload)
+
+    # --- configuration checks -----------------------------------------------------------------------------
+    @staticmethod
+    def config_problems(*, method: str, precision: str, use_gpu: bool, options: dict,
+                        quant_storage: str | None = None) -> list[str]:
+        """Combinations that cannot run, each naming the key, the reason and an alternative."""
+        problems = []
+        stage = options.get("zero_stage", 0)
+        name = options.get("name", "zero*")
+        if stage not in (1, 2, 3):
+            problems.append(f"strategy.zero_stage={stage}: strategy={name} needs ZeRO stage 1, 2 or 3 "
+                            "(use strategy=zero1, zero2 or zero3)")
+        if options.get("offload_params") and stage != 3:
+            problems.append(f"strategy.offload_params=true needs ZeRO stage 3 (strategy.zero_stage={stage}): only "
+                            "ZeRO-3 partitions parameters; use strategy=zero3_offload")
+        if options.get("rank0_load") and stage != 3:
+            problems.append(f"strategy.rank0_load=true needs ZeRO stage 3 (strategy.zero_stage={stage}): ZeRO-1/2 keep "
+                            "whole weights on every rank, so every rank loads them; use strategy=zero3 or remove it")
+        elif options.get("rank0_load") and method == "qlora":
+            problems.append(f"strategy.rank0_load=true with method=qlora: {_QLORA_LOAD}; remove strategy.rank0_load "
+                            "or use method=lora")
+        extra = _plain(options.get("deepspeed") or {})
+        for key in sorted(set(extra) & set(RECIPE_KEYS)):
+            problems.append(f"strategy.deepspeed.{key} is set by distft from {RECIPE_KEYS[key]}; set that instead "
+                            f"and remove strategy.deepspeed.{key}")
+        return problems
+
+
+def cpu_adam_like(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]):
+    """DeepSpeedCPUAdam with the hyper-parameters of the Adam/AdamW the recipe built (ZeRO-Offload needs it)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(f"strategy.offload_optimizer=true needs an Adam/AdamW optimizer, got "
+                         f"{type(optimizer).__name__}; turn offload off or use AdamW")
+    d = optimizer.defaults
+    return DeepSpeedCPUAdam(params, lr=d["lr"], betas=tuple(d["betas"]), eps=d["eps"],
+                            weight_decay=d["weight_decay"], amsgrad=d.get("amsgrad", False),
+                            adamw_mode=isinstance(optimizer, torch.optim.AdamW))
+
+
+def _chunks(params: list[torch.nn.Parameter], max_numel: int):
+    chunk, numel = [], 0
+    for p in params:
+        n = getattr(p, "ds_numel", p.numel())
+        if chunk and numel + n > max_numel:
+            yield chunk
+            chunk, numel = [], 0
+        chunk.append(p)
+        numel += n
+    if chunk:
+        yield chunk
+
+
+def _detach_zero3_hooks(offload) -> None:
+    """Remove the ZeRO-3 per-module fetch/release hooks (weights must already be gathered)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    for param in iter_params(offload.module, recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def _attach_zero3_hooks(offload) -> None:
+    offload._register_deepspeed_module(offload.module)  # also invalidates the recorded prefetch trace

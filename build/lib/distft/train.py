@@ -1,0 +1,68 @@
+"""`python -m distft.train +experiment=gsm8k_lora [overrides]`
+
+The Hydra entry point: compose the config, then run it (`distft.launch.launch`) or, with `compare.enabled`, every
+arm of a comparison (`distft.compare.run_compare`), and turn the outcome into an exit code: 0 completed, 1 failed,
+2 a problem the user can fix (printed without a stack trace), 3 stopped after a checkpoint (rerun to resume).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distft.compare import run_compare
+from distft.config import CONF_DIR, register_configs
+from distft.errors import UserError
+from distft.launch import launch
+from distft.storage import RunStorage
+from distft.summary import write_failed_summary
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> None:
+    multirun = _multirun_run_dir(cfg)
+    try:
+        if cfg.compare.enabled:
+            from hydra.core.hydra_config import HydraConfig
+
+            record = run_compare(cfg, list(HydraConfig.get().overrides.task))
+            print(json.dumps({n: a["status"] for n, a in record["arms"].items()} | {"report": record.get("report")},
+                             indent=2))
+            if not multirun and any(a["status"] != "completed" for a in record["arms"].values()):
+                sys.exit(1)
+            return
+        summary = launch(cfg)
+    except UserError as e:
+        print(f"\ndistft: error: {e}\n", file=sys.stderr)
+        if multirun:  # the other jobs of the sweep go on; the report shows this one as failed, with the reason
+            write_failed_summary(RunStorage(cfg.run.storage_path, cfg.run.name), str(e))
+            return
+        sys.exit(2)
+    print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
+    if summary["status"] == "stopped":
+        print(f"\ndistft: stopped ({summary['error']}) after a checkpoint; rerun the same command to resume\n",
+              file=sys.stderr)
+        sys.exit(3)
+    if summary["status"] != "completed" and not multirun:
+        sys.exit(1)
+
+
+def _multirun_run_dir(cfg: DictConfig) -> bool:
+    """Under `-m`, each job's run directory is the one Hydra made for it (hydra.sweep.subdir is
+    `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    run_dir = Path(HydraConfig.get().runtime.output_dir).parent
+    cfg.run.storage_path, cfg.run.name = str(run_dir.parent), run_dir.name
+    return True
+
+
+if __name__ == "__main__":
+    main()
