@@ -9,8 +9,11 @@ evaluations and the export checks. Run it at two commits and compare; on CPU the
     git worktree add /tmp/before <commit> && (cd /tmp/before && python bench/numerics_check.py --out /tmp/before.json)
     python bench/numerics_check.py --diff /tmp/before.json /tmp/after.json
 
-(The script runs the checkout it sits in: run the copy inside the worktree for the other commit. Commits before
-the layering change lack this script: copy it there.) About 4 minutes on 2 cores.
+(The script runs the checkout it sits in: run the copy inside the worktree for the other commit, with
+PYTHONPATH=<that checkout> so that Ray's workers import it too. Commits before the layering change lack this script:
+copy it there.) About 5 minutes on 2 cores. `--plan` records the planner's output instead (predictions, notes,
+throughput, alternatives, the rendered plan) for 378 configs — every model preset x method x strategy x three
+settings — in about 3 minutes, no Ray.
 """
 
 import argparse
@@ -88,6 +91,33 @@ def run_one_process(root: Path) -> dict:
                     "export_check": result["export_check"], "trainable_params": result["trainable_params"]}, run_dir)
 
 
+def plan_outputs() -> dict:
+    from distft.plan import alternatives, plan_config, predict_run
+    from distft.plan.__main__ import local_model_dir, render
+    from tests.conftest import compose_cfg
+
+    out = {}
+    for model, hardware in [("llama2_7b", []), ("llama2_13b", []), ("llama2_70b", []),
+                            ("llama2_7b", ["hardware=gpu_1x"]), ("smollm2_135m", ["hardware=cpu"]),
+                            ("tiny_llama", ["hardware=cpu"])]:
+        for method in ("full", "lora", "qlora"):
+            for strategy in ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_offload"):
+                for extra in ([], ["trainer.gradient_checkpointing=true", "trainer.micro_batch_size=2"],
+                              ["eval.enabled=false", "run.export=false", "strategy.rank0_load=false"]):
+                    overrides = [f"+experiment=gsm8k_{method}", f"model={model}", *hardware,
+                                 f"strategy={strategy}", *extra]
+                    cfg = compose_cfg(overrides)
+                    model_dir = local_model_dir(cfg)
+                    plan = plan_config(cfg, model_dir=model_dir)
+                    record = {"predict": predict_run(cfg, model_dir=model_dir), "tps": plan.tokens_per_second,
+                              "fpt": plan.flops_per_token, "notes": plan.memory.notes, "need": plan.need_bytes}
+                    if strategy == "ddp" and not extra:
+                        record["alts"] = [[o, a.peak_bytes] for o, a in alternatives(cfg, shape=plan.shape, top=5)]
+                        record["render"] = render(cfg, plan, tokens=None, alts=[])
+                    out[" ".join(overrides)] = record
+    return out
+
+
 def _record(summary: dict, run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"status": summary["status"], "trainable": summary["trainable_params"],
@@ -96,6 +126,11 @@ def _record(summary: dict, run_dir: Path) -> dict:
 
 
 def diff(before: dict, after: dict) -> int:
+    if "plan" in before:
+        differ = [k for k in before["plan"] if before["plan"][k] != after.get("plan", {}).get(k)]
+        print(f"{len(before['plan'])} planner configs: " + (f"{len(differ)} differ, e.g. {differ[:3]}" if differ
+                                                               else "all identical"))
+        return 1 if differ else 0
     differ = 0
     for name in before:
         for field in FIELDS:
@@ -111,9 +146,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="write the curves here")
     p.add_argument("--only", nargs="*", default=[], choices=[*CASES, "one-process"])
     p.add_argument("--diff", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
+    p.add_argument("--plan", action="store_true", help="record the planner's outputs instead of training curves")
     args = p.parse_args()
     if args.diff:
         return diff(*(json.loads(path.read_text()) for path in args.diff))
+    if args.plan:
+        args.out.write_text(json.dumps({"plan": plan_outputs()}, indent=1, sort_keys=True, default=str))
+        print(f"wrote {args.out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="distft-numerics-") as tmp:
         ray_cases = [c for c in args.only if c != "one-process"]
         result = run_cases(Path(tmp), ray_cases) if ray_cases or not args.only else {}
