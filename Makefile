@@ -10,7 +10,7 @@ export GSM8K_DIR
 endif
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install run test test-fast package-check lint bench clean docker-gpu docker-cpu
+.PHONY: help install run test test-nightly test-fast package-check lint bench clean docker-gpu docker-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,11 +28,14 @@ install: $(STAMP)  ## create .venv with pinned CPU dependencies and the embedded
 run: $(STAMP)  ## fine-tune SmolLM2-135M with LoRA on GSM8K on 2 CPU Ray workers (bounded, < 10 min)
 	$(BIN)/python -m distft.train +experiment=gsm8k_lora model=smollm2_135m hardware=cpu run.name=$(RUN_NAME)
 
-test: $(STAMP)  ## all tests (unit + slow multi-worker Ray runs), on CPU
-	$(BIN)/python -m pytest -q --durations=15 tests
+test: $(STAMP)  ## the tests CI runs (unit + command line + slow multi-worker Ray runs), on CPU
+	$(BIN)/python -m pytest -q --durations=25 -m "not nightly" tests
+
+test-nightly: $(STAMP)  ## slow duplicates CI skips (more ZeRO stage x method cells)
+	$(BIN)/python -m pytest -q --durations=15 -m nightly tests
 
 test-fast: $(STAMP)  ## unit tests only
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not cli and not nightly" tests
 
 package-check: $(STAMP)  ## build the wheel, install it in a fresh venv outside the checkout, run the CLIs from there
 	bash .ci/package_check

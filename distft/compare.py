@@ -18,12 +18,15 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distft.config import hydra_context, validate_cluster, validate_config
+from distft.config.explain import added_keys_problem, explain, unknown_keys
 from distft.errors import ConfigError, UserError
 from distft.eval.export_eval import evaluate_export, write_result
 from distft.launch import init_ray, launch, local_resources, ray_initialized
+from distft.model import resolve_model_dir
+from distft.precheck import check_inputs, check_storage
 from distft.report import write_report
 from distft.storage import RunStorage
 
@@ -71,11 +74,14 @@ def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]
     arms, problems = {}, []
     with hydra_context():
         for name in names:
+            arm = arm_overrides(cfg, name, overrides, root)
             try:
-                arm_cfg = compose("train", overrides=arm_overrides(cfg, name, overrides, root))
+                arm_cfg = compose("train", overrides=arm)
             except Exception as e:  # noqa: BLE001 - Hydra's message names the bad override; report it per arm
-                problems.append(f"compare.arms.{name}: {type(e).__name__}: {e}")
+                problems.append(f"compare.arms.{name}: {explain(e, arm)}")
                 continue
+            if unknown_keys(arm_cfg):
+                problems.append(f"compare.arms.{name}: {added_keys_problem(unknown_keys(arm_cfg))}")
             if arm_cfg.data.path is not None:
                 arm_cfg.data.path = to_absolute_path(arm_cfg.data.path)
             try:
@@ -124,6 +130,7 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
     address = next(iter(arms.values())).run.address or os.environ.get("RAY_ADDRESS")
     if not address and not ray_initialized():  # check each arm fits a local cluster before starting one
         _each_arm(arms, lambda c: validate_cluster(c, local_resources(c)))
+    check_arm_inputs(arms, joins_cluster=bool(address) or ray_initialized())
     init_ray(_largest(arms), address)
     _each_arm(arms, lambda c: validate_cluster(c, ray.cluster_resources()))
 
@@ -152,6 +159,26 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
         record["report"] = str(write_report([root], out_dir=root, wandb="auto"))
         _write(root, record)
     return record
+
+
+def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> None:
+    """Each arm's storage, model and data (distft.precheck), before Ray starts; arms reading the same data with the
+    same model and batch layout are checked once."""
+    seen = set()
+    for name, arm_cfg in arms.items():
+        key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(arm_cfg, ["model", "data", "eval", "scaling"]),
+                                                resolve=True), sort_keys=True, default=str) + \
+            f"{arm_cfg.trainer.global_batch_size}/{arm_cfg.trainer.micro_batch_size}/{arm_cfg.run.storage_path}"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_storage(arm_cfg.run.storage_path)
+            model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
+            for note in check_inputs(arm_cfg, model_dir, joins_cluster=joins_cluster):
+                print(f"distft: note: compare.arms.{name}: {note}", file=sys.stderr)
+        except UserError as e:
+            raise UserError(f"compare.arms.{name}: {e}") from None
 
 
 def _run_arm(arm_cfg: DictConfig) -> dict:

@@ -16,3 +16,16 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The dataset is missing, malformed or empty. Messages name the file and line."""
+
+
+class WorkerUserError(UserError):
+    """A UserError raised on a Ray worker, as it crosses to the driver: its message, the rank and the log file that
+    holds the full traceback. The driver prints the message alone (exit code 2); Ray's own logging of it is
+    filtered (`distft.console`)."""
+
+    def __init__(self, message: str, rank: int | None = None, log: str | None = None):
+        super().__init__(message)
+        self.rank, self.log = rank, log
+
+    def __reduce__(self):  # keep rank and log across pickling (Exception pickles only `args`)
+        return type(self), (str(self), self.rank, self.log)

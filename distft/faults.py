@@ -2,7 +2,8 @@
 it reaches optimizer step STEP, after its backward passes and before the step's collectives and update.
 
 MODE: kill (default: the process exits), sigterm (the process sends itself SIGTERM, as a preemption would), nan
-(that step's loss is NaN, on every attempt), sleep (a 60 s pause, so that a test can take a node away mid-run).
+(that step's loss is NaN, on every attempt), sleep (a 60 s pause, so that a test can take a node away mid-run),
+user_error (a DataError, as a worker that finds a problem in the user's input raises it).
 A marker file in the run directory makes kill/sigterm/sleep happen once, so a restarted attempt passes the step.
 """
 
@@ -36,6 +37,10 @@ class Faults:
             return loss_sum
         if self.mode == "nan":
             return float("nan")
+        if self.mode == "user_error":
+            from distft.errors import DataError
+
+            raise DataError(f"{FAULT_ENV}: an injected problem in the data at step {step} (unset {FAULT_ENV})")
         marker = self.run_dir / f".fault_injected_step{step}_rank{self.rank}"
         if marker.exists():  # only once, so the restarted attempt can pass this step
             return loss_sum

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from distft import preemption
+from distft import console, preemption
 from distft.checkpoint import check_resume_from
 from distft.config import validate_cluster, validate_config
 from distft.config.validate import local_cpu_count
@@ -20,6 +20,7 @@ from distft.errors import UserError
 from distft.model import cache_dir, resolve_model_dir
 from distft.plan import predict_run
 from distft.plan.preflight import write_preflight
+from distft.precheck import check_inputs, check_storage
 from distft.storage import RunStorage, is_uri
 from distft.summary import build_summary, write_summary
 from distft.worker import train_worker
@@ -38,6 +39,7 @@ def launch(cfg: DictConfig) -> dict:
         cfg.run.name = f"{cfg.run.name}-preflight-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = RunStorage(cfg.run.storage_path, cfg.run.name)
     run_dir = storage.local_dir  # this process writes here; for a URI it is a staging copy pushed to storage
+    check_storage(cfg.run.storage_path)
     refuse_completed(storage)
     resume_from = check_resume_from(cfg.run.resume_from)
 
@@ -47,6 +49,8 @@ def launch(cfg: DictConfig) -> dict:
     if not address and not ray_initialized():
         validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
+    for note in check_inputs(cfg, model_dir, joins_cluster=bool(address) or ray_initialized()):
+        print(f"distft: note: {note}", file=sys.stderr)
     plan = run_plan(cfg, model_dir)
     import ray
 
@@ -59,9 +63,11 @@ def launch(cfg: DictConfig) -> dict:
 
     trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, storage=storage, resume_from=resume_from,
                             plan=plan)
-    status, error, wall = fit(trainer, cfg)
+    status, error, wall, user_error = fit(trainer, cfg)
     storage.pull("metrics.jsonl", "train_result.json")
     summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=wall, plan=plan)
+    if user_error:
+        summary["error_kind"] = "user"  # a problem in the input that a worker found: the CLI exits 2
     write_summary(storage, summary)
     if cfg.preflight:
         write_preflight(run_dir, summary=summary, plan=plan, location=storage.uri if storage.remote else None)
@@ -87,23 +93,43 @@ def refuse_completed(storage: RunStorage) -> None:
         )
 
 
-def fit(trainer, cfg: DictConfig) -> tuple[str, str | None, float]:
-    """Run the trainer with the driver's SIGTERM handler installed. Returns (status, error, wall seconds)."""
+def fit(trainer, cfg: DictConfig) -> tuple[str, str | None, float, bool]:
+    """Run the trainer with the driver's SIGTERM handler installed.
+    Returns (status, error, wall seconds, whether the error is the user's to fix)."""
     import ray
 
     stop_actor = preemption.create_stop_actor(cfg.run.name)
     preemption.install_driver_handler(stop_actor)
     started = time.time()
-    status, error = "completed", None
+    status, error, user_error = "completed", None, False
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; the summary records the cause
-        status, error = "failed", failure_message(e, max_failures=cfg.run.max_failures)
-        print(f"\ndistft: training failed: {error}\n", file=sys.stderr)
+        status = "failed"
+        found = console.user_errors(e)
+        if found:  # the same message from every rank is said once; the tracebacks are in the run's logs/
+            user_error, error = True, user_error_message(found)
+        else:
+            error = failure_message(e, max_failures=cfg.run.max_failures)
+            print(f"\ndistft: training failed: {error}\n", file=sys.stderr)
     finally:
         preemption.restore_driver_handler()
         ray.kill(stop_actor)
-    return status, error, time.time() - started
+    return status, error, time.time() - started, user_error
+
+
+def user_error_message(errors: list) -> str:
+    """One message per distinct problem, naming the ranks that hit it and where their tracebacks are."""
+    by_message: dict[str, list] = {}
+    for e in errors:
+        by_message.setdefault(str(e), []).append(e)
+    parts = []
+    for message, same in by_message.items():
+        ranks = ", ".join(str(e.rank) for e in same)
+        logs = sorted({str(Path(e.log).parent) for e in same if e.log})
+        parts.append(f"{message}\n(found on worker rank{'s' if len(same) > 1 else ''} {ranks}"
+                     + (f"; traceback in {logs[0]}/" if logs else "") + ")")
+    return "\n".join(parts)
 
 
 def check_shared_storage(storage: RunStorage) -> None:
@@ -164,12 +190,7 @@ def failure_message(error: Exception, *, max_failures: int) -> str:
 
 def _root_cause(error: Exception) -> str:
     """The innermost exception message: Ray nests the worker's error inside its own."""
-    seen = error
-    while True:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
+    seen = console.root_cause(error)
     return f"{type(seen).__name__}: {seen}"
 
 
@@ -215,21 +236,28 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
         # Workers checkpoint on SIGTERM (distft.preemption) unless the job's runtime env has a setup hook already.
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
         hook = {} if "worker_process_setup_hook" in job_env else \
-            {"runtime_env": {"worker_process_setup_hook": "distft.preemption.setup_worker_process"}}
+            {"runtime_env": {"worker_process_setup_hook": "distft.launch.setup_cluster_workers"}}
         ray.init(address=address, log_to_driver=True, **hook)
         return
+    console.quiet_local_driver()
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
     _STARTED_LOCAL.append(True)
 
 
+def setup_cluster_workers() -> None:
+    """Ray `worker_process_setup_hook` of a run on a cluster: SIGTERM handling (distft.preemption) and the console
+    filters (distft.console)."""
+    preemption.setup_worker_process()
+    console.quiet_ray_processes()
+
+
 def quiet_local_workers() -> None:
-    """Local clusters run without the dashboard, so Ray Train's placement-group cleaner cannot reach the state
-    API and warns every few seconds; the warning is noise there (the driver cleans up on exit).
-    Also the SIGTERM handling of distft.preemption."""
+    """The hook of a local cluster. It runs without the dashboard, so Ray Train's placement-group cleaner cannot
+    reach the state API and warns every few seconds; the warning is noise there (the driver cleans up on exit)."""
     import logging
 
-    preemption.setup_worker_process()
+    setup_cluster_workers()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

@@ -101,8 +101,6 @@ def ensure_random_model(
     tokenizer: str = "embedded",
 ) -> Path:
     """Write a random-initialised Llama (and its tokenizer) to a directory keyed by its shape and seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     arch = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
                 num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, vocab_size=vocab_size,
                 max_position_embeddings=max_position_embeddings)
@@ -111,6 +109,8 @@ def ensure_random_model(
     out = cache_dir() / "models" / f"random-llama-{key}"
 
     def build(out: Path) -> dict:
+        from transformers import LlamaConfig, LlamaForCausalLM  # a prepared directory needs no model classes
+
         tok = _load_tokenizer(tokenizer)
         config = LlamaConfig(**{**arch, "vocab_size": vocab_size or len(tok)}, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from distft import dist, loop, settings
 from distft.checkpoint import Checkpointer
 from distft.data import ShardedBatches, build_rows, load_examples
+from distft.data import steps_per_epoch as data_steps_per_epoch
 from distft.eval.evaluate import evaluate
 from distft.export import export_and_verify
 from distft.faults import Faults
@@ -117,6 +118,8 @@ def run_training(cfg, ctx: WorkerContext, hooks: RunHooks | None = None) -> dict
 
 def setup_process(cfg, ctx: WorkerContext) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank{ctx.rank}] %(levelname)s %(name)s: %(message)s")
+    if ctx.rank != 0:  # every rank reads the same data: its summary is printed once, by rank 0
+        logging.getLogger("distft.data").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.use_deterministic_algorithms(ctx.device.type == "cpu", warn_only=True)
 
@@ -158,12 +161,8 @@ def build_data(cfg, ctx: WorkerContext, tokenizer, run: RunSettings) -> TrainDat
                              system_prompt=d.system_prompt)
     batches = ShardedBatches(rows, micro_batch_size=trainer.micro_batch_size, rank=ctx.rank, world_size=ctx.world,
                              seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
-    steps_per_epoch = len(batches) // run.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(rows)} training rows cannot fill one step of trainer.global_batch_size="
-            f"{trainer.global_batch_size}; lower the batch size or add data"
-        )
+    steps_per_epoch = data_steps_per_epoch(len(rows), micro_batch_size=trainer.micro_batch_size, world=ctx.world,
+                                           grad_accum=run.grad_accum, global_batch_size=trainer.global_batch_size)
     total = settings.max_steps(max_steps=trainer.max_steps, epochs=trainer.epochs, steps_per_epoch=steps_per_epoch)
     return TrainData(rows, stats, batches, template, steps_per_epoch, total)
 

@@ -67,5 +67,6 @@ def write_failed_summary(storage: RunStorage, error: str) -> None:
     A completed run's summary is never overwritten (its refusal is "already completed")."""
     if storage.completed():
         return
-    summary = {"status": "failed", "error": error, "run_name": storage.name, "run_dir": storage.uri}
+    summary = {"status": "failed", "error": error, "error_kind": "user", "run_name": storage.name,
+               "run_dir": storage.uri}
     storage.write_text("summary.json", json.dumps(summary, indent=2))

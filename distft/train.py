@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distft.command_line import command_line_problem
 from distft.compare import run_compare
 from distft.config import CONF_DIR, register_configs
 from distft.errors import UserError
@@ -42,6 +43,11 @@ def main(cfg: DictConfig) -> None:
             write_failed_summary(RunStorage(cfg.run.storage_path, cfg.run.name), str(e))
             return
         sys.exit(2)
+    if summary.get("error_kind") == "user":  # a worker found it (summary.json has it too)
+        print(f"\ndistft: error: {summary['error']}\n", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
+        return
     print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
     if summary["status"] == "stopped":
         print(f"\ndistft: stopped ({summary['error']}) after a checkpoint; rerun the same command to resume\n",
@@ -64,5 +70,15 @@ def _multirun_run_dir(cfg: DictConfig) -> bool:
     return True
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m distft.train` / `distft-train`: the command line checked first (distft.command_line), then
+    Hydra's main."""
+    problem, _ = command_line_problem(sys.argv[1:])
+    if problem:
+        print(f"\ndistft: error: {problem}\n", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

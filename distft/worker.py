@@ -9,19 +9,31 @@ from omegaconf import OmegaConf
 
 from distft import dist, preemption
 from distft.checkpoint import choose_resume
+from distft.console import worker_user_error
+from distft.errors import UserError
 from distft.recipe import RunHooks, WorkerContext, run_training
 from distft.storage import RunStorage
 
 
 def train_worker(config: dict) -> None:
     """Entry point that Ray Train calls on each worker (`train_loop_config` is `config`)."""
+    import ray.train
+
+    cfg = OmegaConf.create(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name)
+    try:
+        run_worker(cfg, config, storage)
+    except UserError as e:  # the driver prints the message; the traceback goes to the run's logs/
+        raise worker_user_error(e, rank=rank, run_dir=storage.local_dir) from None
+
+
+def run_worker(cfg, config: dict, storage: RunStorage) -> None:
     import ray
     import ray.train
 
     train_ctx = ray.train.get_context()
-    cfg = OmegaConf.create(config["cfg"])
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    storage = RunStorage(cfg.run.storage_path, cfg.run.name)
     checkpoint, name_suffix, resume_warning = resume_checkpoint(ray.train.get_checkpoint(), storage=storage,
                                                                 explicit=cfg.run.resume_from, rank=rank)
     if rank == 0 and checkpoint is not None:
@@ -60,7 +72,7 @@ def resume_checkpoint(handed, *, storage: RunStorage, explicit: str | None, rank
                                storage=storage, explicit=explicit)
     choice = dist.all_gather_objects(choice)[0]
     if choice.refusal:  # rank 0's reason for refusing to start
-        raise RuntimeError(choice.refusal)
+        raise UserError(choice.refusal)
     if choice.path is None:
         return None, "", None
     if choice.path == handed.path:

@@ -3,7 +3,6 @@ the key, the value and a fix, before any cluster resource is reserved."""
 
 import importlib.util
 import os
-from pathlib import Path
 
 from distft.errors import ConfigError
 from distft.methods import METHODS
@@ -40,7 +39,7 @@ def validate_config(cfg) -> None:
         if value not in allowed:
             problems.append(f"{key}={value} is not one of {', '.join(allowed)}")
 
-    t, s, m, d = cfg.trainer, cfg.scaling, cfg.method, cfg.data
+    t, s, m = cfg.trainer, cfg.scaling, cfg.method
     for key in ("trainer.micro_batch_size", "trainer.global_batch_size", "scaling.num_workers", "data.seq_len",
                 "trainer.checkpoint_every", "trainer.log_every", "eval.batch_size", "eval.max_new_tokens"):
         if _get(cfg, key) < 1:
@@ -81,8 +80,6 @@ def validate_config(cfg) -> None:
         problems.append(f"trainer.precision=bf16 on CPU workers is slow and changes the math; use trainer.precision=fp32 ({CPU_HINT})")
 
     # data and storage
-    if d.path is not None and not Path(d.path).exists():
-        problems.append(f"data.path={d.path} does not exist; point it at a directory with train.jsonl and test.jsonl")
     if cfg.run.num_to_keep < 1:
         problems.append(f"run.num_to_keep={cfg.run.num_to_keep} must be at least 1 (the checkpoint to resume from)")
     if cfg.run.max_failures < -1:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from distft.data.format import (
     IGNORE_INDEX,
@@ -38,6 +39,7 @@ __all__ = [
     "pad_token_id",
     "padding_stats",
     "resolve_template",
+    "steps_per_epoch",
     "unpacked_rows",
 ]
 
@@ -46,6 +48,22 @@ def pad_token_id(tokenizer) -> int:
     """The id used to pad rows: the tokenizer's pad token, else its eos token (padding is never trained on)."""
     pad = tokenizer.pad_token_id
     return int(pad) if pad is not None else eos_token_id(tokenizer)
+
+
+def steps_per_epoch(rows: int, *, micro_batch_size: int, world: int, grad_accum: int, global_batch_size: int) -> int:
+    """Optimizer steps in one epoch of `rows` rows (each rank keeps rows // world of them, see ShardedBatches).
+
+    Raises:
+        DataError: Not even one step can be filled.
+    """
+    per_rank = rows // world
+    steps = math.ceil(per_rank / micro_batch_size) // grad_accum
+    if steps == 0:
+        raise DataError(
+            f"{rows} training rows cannot fill one step of trainer.global_batch_size={global_batch_size} over "
+            f"scaling.num_workers={world}; lower trainer.global_batch_size or add data (data.max_train_examples)"
+        )
+    return steps
 
 
 def build_rows(

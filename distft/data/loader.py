@@ -88,7 +88,7 @@ class ShardedBatches:
         if self.rows_per_rank == 0:
             raise DataError(
                 f"only {n} row(s) for {world_size} rank(s): every rank needs at least one row "
-                f"(use more data, a larger data.limit, or fewer workers)"
+                f"(use more data, a larger data.max_train_examples, or fewer workers)"
             )
         self.epoch = 0
         self.index = 0

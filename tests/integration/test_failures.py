@@ -139,3 +139,25 @@ def test_sigterm_to_the_driver_and_to_a_worker_checkpoints_at_the_step_boundary(
     assert third["status"] == "completed", third["error"]
     assert third["resumed_from"].endswith("checkpoint_000005")
     assert curve(str(run_dir)) == clean_curve
+
+
+def test_a_user_error_on_a_worker_is_one_message_without_tracebacks(tmp_path, gsm8k_dir, ray_cluster):
+    """A worker that finds a problem in the input (here an injected DataError at step 1 on rank 0): the console shows
+    its message once, no Python traceback from any process; exit code 2; summary.json has the message; the traceback
+    is in the run's logs/."""
+    import ray
+
+    run_dir = tmp_path / "user"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "DISTFT_FAULT_AT_STEP": "1:0:user_error"}
+    out = subprocess.run(_tiny_command(tmp_path, gsm8k_dir, "user"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    output = out.stdout + out.stderr
+    assert out.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-5000:]
+    assert output.count("an injected problem in the data at step 1") == 1, output[-3000:]
+    assert "distft: error: DISTFT_FAULT_AT_STEP: an injected problem" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error_kind"] == "user"
+    assert "an injected problem in the data at step 1" in summary["error"] and "rank 0" in summary["error"]
+    assert "Traceback" in (run_dir / "logs" / "worker-rank0.log").read_text()

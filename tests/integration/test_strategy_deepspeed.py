@@ -52,8 +52,14 @@ def deadline(seconds: int):
 
 
 # --- parity with DDP ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3", "zero3_offload"])
-@pytest.mark.parametrize("method", ["full", "lora"])
+NIGHTLY = pytest.mark.nightly  # a duplicate of a path CI covers with another stage; run by `make test-nightly`
+
+
+@pytest.mark.parametrize("strategy,method", [
+    ("zero1", "full"), ("zero2", "full"), ("zero3", "full"), ("zero3_offload", "full"),
+    pytest.param("zero1", "lora", marks=NIGHTLY), pytest.param("zero2", "lora", marks=NIGHTLY),
+    ("zero3", "lora"), ("zero3_offload", "lora"),
+])
 def test_zero_stage_reproduces_the_ddp_loss_curve(strategy, method, tmp_path, gsm8k_dir, ray_cluster,
                                                   ddp_parity_curves):
     # export on (after training, so the curve is unaffected): every stage x method must round-trip its export
@@ -82,7 +88,7 @@ def ddp_accum_curve(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[int, float
     return curve(summary["run_dir"])
 
 
-@pytest.mark.parametrize("strategy", ["zero1", "zero3"])
+@pytest.mark.parametrize("strategy", [pytest.param("zero1", marks=NIGHTLY), "zero3"])
 def test_gradient_accumulation_boundaries_follow_the_recipe(strategy, tmp_path, gsm8k_dir, ray_cluster,
                                                             ddp_accum_curve):
     # 4 micro-batches per step: DeepSpeed must neither divide by gradient_accumulation_steps again nor step early.

@@ -95,10 +95,16 @@ def test_validation_reports_every_problem_at_once(data_dir):
     assert "trainer.precision=fp32" in text
 
 
-def test_missing_data_path_names_the_key(tmp_path):
-    cfg = compose_cfg(["+experiment=gsm8k_lora", f"data.path={tmp_path / 'nope'}"])
+def test_missing_data_path_is_refused_on_the_driver_and_left_to_the_workers_on_a_cluster(tmp_path):
+    from distft.precheck import check_inputs
+    from tests.conftest import tiny_model_dir
+
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", f"data.path={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="data.path=.*does not exist"):
-        validate_config(cfg)
+        check_inputs(cfg, tiny_model_dir(), joins_cluster=False)
+    notes = check_inputs(cfg, tiny_model_dir(), joins_cluster=True)  # node-local data on a cluster this joins
+    assert notes == [f"data.path={tmp_path / 'nope'} is not readable on this machine (node-local?): checked on the "
+                     "workers"]
 
 
 def test_gpus_requested_on_a_cpu_cluster_suggests_the_cpu_run():

@@ -1,0 +1,89 @@
+"""Hydra's composition errors said plainly, with the nearest valid key or group option for a misspelling, and the
+keys a `+key=...` override added that the typed schema does not declare. Used by the command line and by compare
+arms (whose overrides are composed again)."""
+
+import difflib
+
+from omegaconf import OmegaConf
+
+from distft.config.compose import CONF_DIR, compose
+
+
+def explain(error: Exception, overrides: list[str]) -> str:
+    """Hydra's message, with the nearest valid key or group option when the problem is a misspelling."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    message = str(error).strip()
+    if cause is not error:
+        message += "\n" + str(cause).strip()
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key and "not in" in str(cause):
+        parent, _, leaf = full_key.rpartition(".")
+        keys = _keys(parent)
+        close = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.6)
+        prefix = f"{parent}." if parent else ""
+        hint = f"did you mean {' or '.join(prefix + k for k in close)}? " if close else ""
+        return (f"unknown config key {full_key}: {hint}valid keys of {parent or 'the config'}: {', '.join(keys)} "
+                "(`python -m distft.train --cfg job` prints the whole config)")
+    if isinstance(cause, ValidationError) and full_key:
+        expected = getattr(cause, "msg", str(cause)).splitlines()[0]
+        return f"{full_key}: {expected} (check the value given on the command line)"
+    missing = _missing_group_option(str(error))
+    if missing:
+        group, option = missing
+        options = _options(group)
+        close = difflib.get_close_matches(option, options, n=2, cutoff=0.5)
+        hint = f"did you mean {group}={' or '.join(close)}? " if close else ""
+        return f"{group}={option} is not a config in distft/conf/{group}/: {hint}choices: {', '.join(options)}"
+    return f"{message}\n(in the command-line overrides: {' '.join(overrides)})"
+
+
+def _keys(parent: str) -> list[str]:
+    node = compose([])
+    for part in filter(None, parent.split(".")):
+        node = node[part]
+    return sorted(OmegaConf.to_container(node, resolve=False).keys()) if OmegaConf.is_dict(node) else []
+
+
+def _missing_group_option(message: str) -> tuple[str, str] | None:
+    """(group, option) from Hydra's "Could not find 'group/option'"."""
+    marker = "Could not find '"
+    if marker not in message:
+        return None
+    target = message.split(marker, 1)[1].split("'", 1)[0]
+    group, _, option = target.rpartition("/")
+    return (group, option) if group else None
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def unknown_keys(cfg, schema=None, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that its typed schema (distft/config/schema.py) does not declare; free-form dicts are skipped."""
+    from dataclasses import is_dataclass
+
+    from distft.config.schema import TrainConfig
+
+    schema = OmegaConf.structured(TrainConfig) if schema is None else schema
+    if not is_dataclass(OmegaConf.get_type(schema)):
+        return []
+    found = []
+    for key in cfg:
+        if key not in list(schema.keys()):
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_dict(cfg[key]) and OmegaConf.is_dict(schema[key]):
+            found += unknown_keys(cfg[key], schema[key], f"{prefix}{key}.")
+    return found
+
+
+def nearest_keys(key: str) -> list[str]:
+    parent, _, leaf = key.rpartition(".")
+    return [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, _keys(parent), n=2, cutoff=0.6)]
+
+
+def added_keys_problem(keys: list[str]) -> str:
+    parts = [f"unknown config key {k}" + (f" (did you mean {nearest_keys(k)[0]}?)" if nearest_keys(k) else "")
+             for k in keys]
+    return "; ".join(parts) + ": remove the leading + or fix the name"
