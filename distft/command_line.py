@@ -11,8 +11,31 @@ HYDRA_ONLY = {"-h", "--help", "--hydra-help", "--version", "-sc", "--shell-compl
 TAKES_VALUE = {"-c", "--cfg", "-p", "--package", "-i", "--info"}
 
 
+# Config choices that need an optional extra: (override, module it needs, extra).
+EXTRAS = (("hydra/launcher=ray_tasks", "hydra_plugins.hydra_ray_launcher", "sweep"),)
+
+
+def missing_extra(args: list[str]) -> str | None:
+    for choice, module, extra in EXTRAS:
+        if choice in args and not _importable(module):
+            return f"{choice} needs the '{extra}' extra: `pip install 'distft[{extra}]'`"
+    return None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def command_line_problem(args: list[str]) -> tuple[str | None, bool]:
     """(what is wrong with these arguments, or None; whether Hydra will only print the config, making no dirs)."""
+    extra = missing_extra(args)
+    if extra:
+        return extra, False
     overrides, prints_only, skip = [], False, False
     for arg in args:
         if skip:

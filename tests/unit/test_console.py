@@ -56,3 +56,12 @@ def test_ray_logging_of_user_errors_and_timeouts_is_dropped_and_everything_else_
     scaling = console.RAY_AUTOSCALING_LOGGER
     assert not shown(_record(scaling, "Failed to send resource request", GetTimeoutError("slow")))
     assert shown(_record(scaling, "Failed to send resource request", ConnectionError("gone")))
+
+
+def test_a_choice_that_needs_a_missing_extra_names_the_extra(monkeypatch):
+    from distft import command_line
+
+    monkeypatch.setattr(command_line, "EXTRAS", (("hydra/launcher=ray_tasks", "no_such_plugin.launcher", "sweep"),))
+    assert command_line.missing_extra(["-m", "hydra/launcher=ray_tasks", "method=full,lora"]) == \
+        "hydra/launcher=ray_tasks needs the 'sweep' extra: `pip install 'distft[sweep]'`"
+    assert command_line.missing_extra(["-m", "method=full,lora"]) is None
