@@ -58,7 +58,7 @@ NIGHTLY = pytest.mark.nightly  # a duplicate of a path CI covers with another st
 @pytest.mark.parametrize("strategy,method", [
     ("zero1", "full"), ("zero2", "full"), ("zero3", "full"), ("zero3_offload", "full"),
     pytest.param("zero1", "lora", marks=NIGHTLY), pytest.param("zero2", "lora", marks=NIGHTLY),
-    ("zero3", "lora"), ("zero3_offload", "lora"),
+    ("zero3", "lora"), pytest.param("zero3_offload", "lora", marks=NIGHTLY),
 ])
 def test_zero_stage_reproduces_the_ddp_loss_curve(strategy, method, tmp_path, gsm8k_dir, ray_cluster,
                                                   ddp_parity_curves):
