@@ -80,8 +80,9 @@ def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]
             except Exception as e:  # noqa: BLE001 - Hydra's message names the bad override; report it per arm
                 problems.append(f"compare.arms.{name}: {explain(e, arm)}")
                 continue
-            if unknown_keys(arm_cfg):
-                problems.append(f"compare.arms.{name}: {added_keys_problem(unknown_keys(arm_cfg))}")
+            added = unknown_keys(arm_cfg)
+            if added:
+                problems.append(f"compare.arms.{name}: {added_keys_problem(added)}")
             if arm_cfg.data.path is not None:
                 arm_cfg.data.path = to_absolute_path(arm_cfg.data.path)
             try:
@@ -166,9 +167,9 @@ def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> Non
     same model and batch layout are checked once."""
     seen = set()
     for name, arm_cfg in arms.items():
-        key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(arm_cfg, ["model", "data", "eval", "scaling"]),
-                                                resolve=True), sort_keys=True, default=str) + \
-            f"{arm_cfg.trainer.global_batch_size}/{arm_cfg.trainer.micro_batch_size}/{arm_cfg.run.storage_path}"
+        t = arm_cfg.trainer
+        key = (OmegaConf.to_yaml(OmegaConf.masked_copy(arm_cfg, ["model", "data", "eval", "scaling"]), resolve=True),
+               t.global_batch_size, t.micro_batch_size, arm_cfg.run.storage_path)
         if key in seen:
             continue
         seen.add(key)

@@ -10,7 +10,7 @@ import functools
 import os
 from pathlib import Path
 
-from distft.data import build_rows, load_examples, steps_per_epoch
+from distft.data import load_examples
 from distft.errors import ConfigError, UserError
 from distft.model import load_tokenizer
 from distft.settings import run_settings
@@ -97,15 +97,14 @@ def check_hub_model(model_dir: str, *, revision: str | None = None, timeout: flo
 
 def check_data(cfg, tokenizer) -> None:
     """Build the training rows as a worker would, and load the test split the evaluation will read."""
-    d, t = cfg.data, cfg.trainer
-    template = d.template if cfg.model.chat_template else "plain"
-    rows, _ = build_rows(name=d.name, path=d.path, split="train", tokenizer=tokenizer, template=template,
-                         seq_len=d.seq_len, packing=d.packing, limit=d.max_train_examples, hub_id=d.hub_id,
-                         system_prompt=d.system_prompt)
+    # imported here, not at the top: the command line imports check_storage and should stay light
+    from distft.recipe import epoch_steps, training_rows
+
+    rows, _, _ = training_rows(cfg, tokenizer)
     world = cfg.scaling.num_workers
-    steps_per_epoch(len(rows), micro_batch_size=t.micro_batch_size, world=world,
-                    grad_accum=run_settings(cfg, world=world).grad_accum, global_batch_size=t.global_batch_size)
+    epoch_steps(cfg, len(rows), world=world, grad_accum=run_settings(cfg, world=world).grad_accum)
     if cfg.eval.enabled:
+        d = cfg.data
         load_examples(d.name, d.path, "test", hub_id=d.hub_id, limit=1, system_prompt=d.system_prompt)
 
 

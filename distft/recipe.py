@@ -154,17 +154,31 @@ def quant_config(method, run: RunSettings):
 
 def build_data(cfg, ctx: WorkerContext, tokenizer, run: RunSettings) -> TrainData:
     """The training rows (validated, formatted, masked, packed) and this rank's resumable batches of them."""
-    d, trainer = cfg.data, cfg.trainer
+    trainer = cfg.trainer
+    rows, stats, template = training_rows(cfg, tokenizer)
+    batches = ShardedBatches(rows, micro_batch_size=trainer.micro_batch_size, rank=ctx.rank, world_size=ctx.world,
+                             seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
+    steps_per_epoch = epoch_steps(cfg, len(rows), world=ctx.world, grad_accum=run.grad_accum)
+    total = settings.max_steps(max_steps=trainer.max_steps, epochs=trainer.epochs, steps_per_epoch=steps_per_epoch)
+    return TrainData(rows, stats, batches, template, steps_per_epoch, total)
+
+
+def training_rows(cfg, tokenizer) -> tuple[list, dict, str]:
+    """The training split's rows (validated, formatted, masked, packed), their stats and the prompt template; the
+    driver's precheck builds them the same way."""
+    d = cfg.data
     template = d.template if cfg.model.chat_template else "plain"
     rows, stats = build_rows(name=d.name, path=d.path, split="train", tokenizer=tokenizer, template=template,
                              seq_len=d.seq_len, packing=d.packing, limit=d.max_train_examples, hub_id=d.hub_id,
                              system_prompt=d.system_prompt)
-    batches = ShardedBatches(rows, micro_batch_size=trainer.micro_batch_size, rank=ctx.rank, world_size=ctx.world,
-                             seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
-    steps_per_epoch = data_steps_per_epoch(len(rows), micro_batch_size=trainer.micro_batch_size, world=ctx.world,
-                                           grad_accum=run.grad_accum, global_batch_size=trainer.global_batch_size)
-    total = settings.max_steps(max_steps=trainer.max_steps, epochs=trainer.epochs, steps_per_epoch=steps_per_epoch)
-    return TrainData(rows, stats, batches, template, steps_per_epoch, total)
+    return rows, stats, template
+
+
+def epoch_steps(cfg, rows: int, *, world: int, grad_accum: int) -> int:
+    """Optimizer steps per epoch (a DataError when the rows cannot fill one)."""
+    t = cfg.trainer
+    return data_steps_per_epoch(rows, micro_batch_size=t.micro_batch_size, world=world, grad_accum=grad_accum,
+                                global_batch_size=t.global_batch_size)
 
 
 def prepare_strategy(strategy: Strategy, model: torch.nn.Module, trainer, *, lr: float, max_steps: int) -> None:

@@ -6,7 +6,7 @@ import difflib
 
 from omegaconf import OmegaConf
 
-from distft.config.compose import CONF_DIR, compose
+from distft.config.compose import CONF_DIR
 
 
 def explain(error: Exception, overrides: list[str]) -> str:
@@ -19,11 +19,10 @@ def explain(error: Exception, overrides: list[str]) -> str:
         message += "\n" + str(cause).strip()
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key and "not in" in str(cause):
-        parent, _, leaf = full_key.rpartition(".")
+        parent = full_key.rpartition(".")[0]
         keys = _keys(parent)
-        close = difflib.get_close_matches(leaf, keys, n=3, cutoff=0.6)
-        prefix = f"{parent}." if parent else ""
-        hint = f"did you mean {' or '.join(prefix + k for k in close)}? " if close else ""
+        close = nearest_keys(full_key, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
         return (f"unknown config key {full_key}: {hint}valid keys of {parent or 'the config'}: {', '.join(keys)} "
                 "(`python -m distft.train --cfg job` prints the whole config)")
     if isinstance(cause, ValidationError) and full_key:
@@ -40,10 +39,13 @@ def explain(error: Exception, overrides: list[str]) -> str:
 
 
 def _keys(parent: str) -> list[str]:
-    node = compose([])
+    """The keys the typed schema declares under `parent` (every group choice has the same ones)."""
+    from distft.config.schema import TrainConfig
+
+    node = OmegaConf.structured(TrainConfig)
     for part in filter(None, parent.split(".")):
         node = node[part]
-    return sorted(OmegaConf.to_container(node, resolve=False).keys()) if OmegaConf.is_dict(node) else []
+    return sorted(node.keys()) if OmegaConf.is_dict(node) else []
 
 
 def _missing_group_option(message: str) -> tuple[str, str] | None:
@@ -78,12 +80,15 @@ def unknown_keys(cfg, schema=None, prefix: str = "") -> list[str]:
     return found
 
 
-def nearest_keys(key: str) -> list[str]:
+def nearest_keys(key: str, n: int = 2) -> list[str]:
+    """The schema's keys nearest to a misspelled dotted `key`, as dotted keys."""
     parent, _, leaf = key.rpartition(".")
-    return [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, _keys(parent), n=2, cutoff=0.6)]
+    return [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, _keys(parent), n=n, cutoff=0.6)]
 
 
 def added_keys_problem(keys: list[str]) -> str:
-    parts = [f"unknown config key {k}" + (f" (did you mean {nearest_keys(k)[0]}?)" if nearest_keys(k) else "")
-             for k in keys]
+    parts = []
+    for key in keys:
+        close = nearest_keys(key, n=1)
+        parts.append(f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else ""))
     return "; ".join(parts) + ": remove the leading + or fix the name"
