@@ -2,6 +2,7 @@
 log file), and Ray's known-harmless noise is dropped. Real errors keep their tracebacks."""
 
 import logging
+import sys
 import traceback
 from pathlib import Path
 
@@ -74,3 +75,14 @@ def quiet_ray_processes() -> None:
 def quiet_local_driver() -> None:
     """Before starting a local cluster: its token authentication is on by default and needs no warning."""
     logging.getLogger(RAY_TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+
+
+def show_progress() -> None:
+    """On the driver: the progress lines of long steps (distft.progress) on stderr, as `distft: ...`."""
+    logger = logging.getLogger("distft.progress")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("distft: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

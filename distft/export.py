@@ -8,26 +8,34 @@ import torch
 
 from distft import dist
 from distft.model import load_model
+from distft.progress import step
+from distft.stop import NO_STOP, StopCheck
 
 log = logging.getLogger(__name__)
 
 
 def export_and_verify(strategy, tokenizer, *, export_dir: Path, probe: torch.Tensor, rank: int,
                       device: torch.device, method: str, dtype: str, quant_config, precision: str, run_dir: Path,
-                      merge_base: str | None = None, merge_dtype: str = "fp32") -> dict | None:
+                      merge_base: str | None = None, merge_dtype: str = "fp32", stop: StopCheck = NO_STOP) -> dict | None:
     """Export the trained model, reload the export as a user would and check it reproduces the trained logits on
     `probe`; with `merge_base` (a LoRA/QLoRA run's base model) also write export/merged. Every rank takes part
-    (sharded strategies gather collectively); rank 0 writes and checks, and returns the check (None elsewhere)."""
+    (sharded strategies gather collectively); rank 0 writes and checks, and returns the check (None elsewhere).
+    A stop request is honoured between these parts (StopRequested; the caller removes the partial export)."""
     trained_logits = probe_logits(strategy, probe, device)
-    export_model(strategy, tokenizer, export_dir, rank=rank)
-    dist.barrier()
+    with step(f"export: writing {export_dir}", enabled=rank == 0):
+        export_model(strategy, tokenizer, export_dir, rank=rank)
+        dist.barrier()
+    stop.check("export")
     info = None
     if rank == 0:
-        info = verify_export(export_dir, probe=probe, trained_logits=trained_logits, method=method, dtype=dtype,
-                             quant_config=quant_config, device=device, run_dir=run_dir, precision=precision)
-        if merge_base is not None:
-            merge_adapter(merge_base, export_dir, export_dir / "merged", dtype=merge_dtype)
+        with step("export: reloading it with plain transformers/peft to check the logits"):
+            info = verify_export(export_dir, probe=probe, trained_logits=trained_logits, method=method, dtype=dtype,
+                                 quant_config=quant_config, device=device, run_dir=run_dir, precision=precision)
+        if merge_base is not None and not stop.local():
+            with step(f"export: merging the adapter into {merge_base}"):
+                merge_adapter(merge_base, export_dir, export_dir / "merged", dtype=merge_dtype)
     dist.barrier()
+    stop.check("export")
     return info
 
 

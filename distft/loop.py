@@ -17,6 +17,7 @@ from distft.checkpoint import Checkpointer
 from distft.data import ShardedBatches
 from distft.faults import Faults
 from distft.loss import causal_lm_loss_sum, model_inputs
+from distft.stop import NO_STOP, StopCheck
 from distft.tracking import RunTracker
 
 log = logging.getLogger("distft")
@@ -44,7 +45,7 @@ def steady_throughput(tokens: list[int], seconds: list[float]) -> float | None:
 
 def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_accum: int, max_grad_norm: float,
           world: int, device: torch.device, tracker: RunTracker, checkpointer: Checkpointer, faults: Faults,
-          memory: dist.PhasePeaks, should_stop: Callable[[], str | None] | None = None,
+          memory: dist.PhasePeaks, stop: StopCheck = NO_STOP,
           after_save: Callable[[], None] = lambda: None, preflight: bool = False) -> LoopResult:
     """Train from `step` to `max_steps` (preflight: one step), checkpointing on the checkpointer's schedule."""
     stream = batches.forever()
@@ -69,7 +70,7 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
                           "tokens_per_second": tokens / elapsed, "answer_tokens": int(answer_tokens),
                           "epoch": batches.state_dict()["epoch"], "step_seconds": elapsed},
                          last=result.step == max_steps)
-        result.stopped = agree_to_stop(should_stop, device)
+        result.stopped = stop.agree()  # every rank saves the same step
         if checkpointer.should_save(result.step, now=bool(result.stopped) or preflight):
             with memory.during("save"):
                 checkpointer.save(result.step, loader_state=batches.state_dict(), metrics={"loss": loss})
@@ -108,12 +109,3 @@ def forward_backward(strategy, micro: list[dict], *, step: int, world: int, devi
             "was written). Lower trainer.lr, keep trainer.max_grad_norm set, or check the data for empty answers")
     return loss, global_tokens
 
-
-def agree_to_stop(should_stop: Callable[[], str | None] | None, device: torch.device) -> str | None:
-    """Every rank must agree to stop at the same step, whichever of them (or the driver) was told to."""
-    if should_stop is None:
-        return None
-    reason = should_stop()
-    if dist.all_reduce(float(reason is not None), device, op="max") == 0:
-        return None
-    return next((r for r in dist.all_gather_objects(reason) if r), "stop requested")

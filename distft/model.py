@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from distft import progress
 from distft.dtypes import torch_dtype
 from distft.errors import UserError
 
@@ -50,7 +51,8 @@ def _prepare_once(out: Path, build) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if not (out / _READY).exists():
-            info = build(out)
+            with progress.step(f"preparing {out} (once per machine)"):
+                info = build(out)
             (out / _READY).write_text(json.dumps(info))
     return out
 
@@ -65,7 +67,6 @@ def ensure_embedded_model() -> Path:
     def build(out: Path) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log.info("converting %s to %s (once per machine)", gguf.name, out)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF loader marks the model as quantised and refuses to save it; the weights are already

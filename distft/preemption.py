@@ -4,13 +4,14 @@ Who receives SIGTERM on a real preemption depends on the scheduler, so both ends
 
 - the **driver** (`python -m distft.train`): `ray job stop`, SLURM's `--signal`/`scancel` forwarded by
   launch/slurm.sbatch, a Kubernetes pod deletion of the submitter. Its handler sets a flag in a small named Ray
-  actor that rank 0 reads at every step boundary.
+  actor that every rank polls (`stop_requests`).
 - the **workers** (VM shutdown, SLURM signalling every task of the step): Ray's own worker handler exits at once,
   so `setup_worker_process` (a Ray `worker_process_setup_hook`) replaces it, for training workers only, with one
   that sets a flag in the process.
 
-At the step boundary the ranks all-reduce their flags, so every rank agrees to save the same step. A second
-SIGTERM, or one outside training, keeps Ray's default behaviour (exit now).
+The ranks agree on stopping at points every one of them reaches (`distft.stop`): a step boundary (where they all
+save the same step), each evaluation batch, the boundaries of loading and export. A second SIGTERM, or one outside
+a run, keeps Ray's default behaviour (exit now).
 """
 
 import logging
@@ -92,18 +93,26 @@ def create_stop_actor(run_name: str):
     return actor.remote()
 
 
-def poll_stop_actor(run_name: str):
-    """A callable for rank 0: the driver's stop reason, or None. Never waits: one request is always in flight and
-    each step only looks whether its answer has arrived (a stop is seen a step or so after the driver sets it)."""
+def stop_requests(run_name: str):
+    """A callable for every rank: this process's own stop reason (a SIGTERM it received), else the driver's flag,
+    else None. A local reason is also written to the flag, so that the other ranks see it at their next check
+    (generation, where the ranks do not communicate). Never waits: one request to the flag is always in flight and
+    each call only looks whether its answer has arrived."""
     import ray
 
     try:
         actor = ray.get_actor(STOP_ACTOR_PREFIX + run_name)
     except ValueError:  # run_training called outside `distft.train` (tests, benchmarks)
-        return lambda: None
+        return stop_reason
     pending = [actor.get.remote()]
+    forwarded = []
 
     def poll():
+        local = stop_reason()
+        if local:
+            if not forwarded:
+                forwarded.append(actor.request.remote(local))
+            return local
         ready, _ = ray.wait(pending, timeout=0)
         if not ready:
             return None
@@ -131,8 +140,9 @@ def install_driver_handler(stop_actor) -> None:
             signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
             raise SystemExit(128 + signum)
         request_stop(f"{name} received by the driver")
-        print(f"\ndistft: {name}: the workers save a checkpoint at the next step boundary and stop "
-              f"(send {name} again to exit now)\n", flush=True)
+        print(f"\ndistft: {name}: the workers stop at the next safe point — a step boundary (after saving a "
+              f"checkpoint), an evaluation or generation batch, a phase boundary (send {name} again to exit now)\n",
+              flush=True)
         stop_actor.request.remote(f"{name} received by the driver")  # no ray.get: we are inside a handler
 
     for sig in (signal.SIGTERM,):

@@ -8,6 +8,7 @@ in one process. It imports no Ray and never branches on the strategy: DDP/FSDP/D
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +28,9 @@ from distft.methods import apply_method, quantization_config
 from distft.model import count_params, load_model, load_tokenizer
 from distft.optim import build_optimizer, build_scheduler
 from distft.plan.preflight import reload_check
+from distft.progress import step as progress_step
 from distft.settings import RunSettings, run_settings
+from distft.stop import StopCheck, StopRequested
 from distft.strategy import Strategy, build_strategy
 from distft.tracking import MetricsFile, RunTracker, WandbLogger
 
@@ -56,7 +59,7 @@ class RunHooks:
 
     report: Callable[[dict, Path, int], None] = lambda metrics, ckpt_dir, step: None  # hand a checkpoint over
     sync: Callable[..., None] | None = None  # rank 0: upload files of run_dir to the run's storage
-    should_stop: Callable[[], str | None] | None = None  # a reason to checkpoint and stop at the step boundary
+    should_stop: Callable[[], str | None] | None = None  # a reason to stop (asked at every agreed stop point)
     fetch_checkpoint: Callable[[int], tuple] | None = None  # preflight: (checkpoint, location) of a saved step
 
     def upload(self, *names: str) -> None:
@@ -78,9 +81,18 @@ def run_training(cfg, ctx: WorkerContext, hooks: RunHooks | None = None) -> dict
     """The whole run on one worker. Returns what rank 0 writes to train_result.json."""
     hooks = hooks or RunHooks()
     setup_process(cfg, ctx)
+    stop = StopCheck(hooks.should_stop, ctx.device)
+    try:
+        return train_evaluate_export(cfg, ctx, hooks, stop)
+    except StopRequested as e:  # outside the steps: nothing new to save (see distft.stop)
+        return stopped_early(ctx, hooks, e, steps=stop.steps_done)
+
+
+def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCheck) -> dict:
     memory = dist.PhasePeaks(ctx.device, "load")  # peaks per phase, next to the planner's phases
     run = run_settings(cfg, world=ctx.world)
     strategy, model, tokenizer = build_model(cfg, ctx, run)
+    stop.check("loading")
     params = count_params(model)
     data = build_data(cfg, ctx, tokenizer, run)
     memory.switch("prepare")  # wrapping, optimizer states, DeepSpeed's buckets (no phase of the plan's own)
@@ -88,32 +100,47 @@ def run_training(cfg, ctx: WorkerContext, hooks: RunHooks | None = None) -> dict
     checkpointer = Checkpointer(strategy, rank=ctx.rank, world=ctx.world, every=cfg.trainer.checkpoint_every,
                                 max_steps=data.max_steps, report=hooks.report,
                                 info={group: cfg[group].name for group in ("method", "strategy", "model")})
-    step = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed)
+    step = stop.steps_done = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed)
+    stop.check("loading")
     tracker = build_tracker(cfg, ctx, resume_step=step)
-    evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template)
+    evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template, stop)
     eval_start = evaluate_at_start(cfg, ctx, hooks, evaluate_now, memory) if step == 0 else None
     trained = loop.train(strategy, data.batches, step=step, max_steps=data.max_steps, grad_accum=run.grad_accum,
                          max_grad_norm=cfg.trainer.max_grad_norm, world=ctx.world, device=ctx.device,
                          tracker=tracker, checkpointer=checkpointer, faults=Faults(ctx.rank, ctx.run_dir),
-                         memory=memory, should_stop=hooks.should_stop, preflight=cfg.preflight,
+                         memory=memory, stop=stop, preflight=cfg.preflight,
                          after_save=lambda: hooks.upload("metrics.jsonl"))
+    stop.steps_done = trained.step
     if trained.stopped:
         return write_result(ctx, hooks, {"steps": trained.step, "max_steps": data.max_steps,
-                                         "stopped": trained.stopped, "resumed_from": resumed_from(ctx)},
+                                         "stopped": trained.stopped, "stopped_phase": "training",
+                                         "resumed_from": resumed_from(ctx)},
                             "train_result.json", "metrics.jsonl")
     if cfg.preflight:
         return write_result(ctx, hooks, preflight(strategy, ctx, hooks, trained, memory, params), "train_result.json")
     eval_end = None
     if cfg.eval.enabled:
         memory.switch("eval")
-        eval_end = evaluate_now()
-    export_check = export(cfg, ctx, strategy, tokenizer, run, probe_row=data.rows[0], memory=memory)
+        eval_end = evaluate_now(label="evaluation after training")
+    export_check = export(cfg, ctx, strategy, tokenizer, run, probe_row=data.rows[0], memory=memory, stop=stop)
     result = train_result(ctx, run, data, trained, memory, params, eval_start=eval_start, eval_end=eval_end,
                           export_check=export_check, exported=cfg.run.export)
     write_result(ctx, hooks, result, "train_result.json", "metrics.jsonl", "eval_start.json", "export_probe.pt",
                  "export")
     tracker.finish(summary_for_wandb(eval_end, ctx.plan, result))
     return result
+
+
+def stopped_early(ctx: WorkerContext, hooks: RunHooks, stopped: StopRequested, *, steps: int) -> dict:
+    """A stop while loading, evaluating or exporting. Before step 1 nothing is lost; after the last step its
+    checkpoint is there, and a rerun repeats the evaluation and export (a half-written export is removed)."""
+    log.warning("%s: stopping during %s, after %d steps (rerun the same command to %s)", stopped.reason,
+                stopped.phase, steps, "resume" if steps else "start again")
+    if ctx.rank == 0 and stopped.phase == "export":
+        shutil.rmtree(ctx.run_dir / "export", ignore_errors=True)
+        (ctx.run_dir / "export_probe.pt").unlink(missing_ok=True)
+    return write_result(ctx, hooks, {"steps": steps, "stopped": stopped.reason, "stopped_phase": stopped.phase,
+                                     "resumed_from": resumed_from(ctx)}, "train_result.json", "metrics.jsonl")
 
 
 def setup_process(cfg, ctx: WorkerContext) -> None:
@@ -134,10 +161,12 @@ def build_model(cfg, ctx: WorkerContext, run: RunSettings) -> tuple[Strategy, to
                               micro_batch_size=trainer.micro_batch_size, grad_accum=run.grad_accum,
                               options=OmegaConf.to_container(cfg.strategy, resolve=True))
     # The strategy decides which ranks read the weights (sharded strategies: rank 0 only, see `load_model`).
-    model = strategy.load_model(partial(load_model, ctx.model_dir, dtype=run.load_dtype, quantization_config=quant,
-                                        device=ctx.device, attn_implementation=cfg.model.attn_implementation,
-                                        revision=cfg.model.revision),
-                                rank=ctx.rank, quantized=quant is not None)
+    with progress_step(f"loading the model from {ctx.model_dir}", enabled=ctx.rank == 0):
+        model = strategy.load_model(partial(load_model, ctx.model_dir, dtype=run.load_dtype,
+                                            quantization_config=quant, device=ctx.device,
+                                            attn_implementation=cfg.model.attn_implementation,
+                                            revision=cfg.model.revision),
+                                    rank=ctx.rank, quantized=quant is not None)
     model = apply_method(model, name=method.name, lora_r=method.lora_r, lora_alpha=method.lora_alpha,
                          lora_dropout=method.lora_dropout, target_modules=list(method.target_modules),
                          gradient_checkpointing=trainer.gradient_checkpointing)
@@ -218,7 +247,8 @@ def build_tracker(cfg, ctx: WorkerContext, *, resume_step: int) -> RunTracker:
                       log_every=cfg.trainer.log_every, progress_bar=cfg.trainer.progress_bar)
 
 
-def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, template: str) -> Callable[[], dict]:
+def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, template: str,
+                    stop: StopCheck) -> Callable[..., dict]:
     """A call that evaluates the model as it is now on the test split (loaded once, here)."""
     e, d = cfg.eval, cfg.data
     limits = [e.loss_examples, e.gsm8k_examples]
@@ -228,7 +258,7 @@ def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, temp
     return partial(evaluate, strategy, tokenizer, examples, template=template, seq_len=d.seq_len,
                    packing=d.packing, micro_batch_size=cfg.trainer.micro_batch_size, loss_examples=e.loss_examples,
                    gsm8k_examples=e.gsm8k_examples if d.name == "gsm8k" else 0, max_new_tokens=e.max_new_tokens,
-                   batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device)
+                   batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device, stop=stop)
 
 
 def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, memory: dist.PhasePeaks) -> dict | None:
@@ -236,7 +266,7 @@ def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, me
     if not (cfg.eval.enabled and cfg.eval.at_start):
         return None
     with memory.during("eval"):
-        result = evaluate_now()
+        result = evaluate_now(label="evaluation before training")
     if ctx.rank == 0:
         write_json(ctx.run_dir / "eval_start.json", result)
         hooks.upload("eval_start.json")
@@ -244,7 +274,7 @@ def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, me
 
 
 def export(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, run: RunSettings, *, probe_row,
-           memory: dist.PhasePeaks) -> dict | None:
+           memory: dist.PhasePeaks, stop: StopCheck) -> dict | None:
     """export/ (run.export): a plain HF model or peft adapter, reloaded and checked against the trained logits."""
     if not cfg.run.export:
         return None
@@ -252,12 +282,14 @@ def export(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, run: RunSetti
     method = cfg.method
     quant = quant_config(method, run)
     merge = method.merge_on_export and method.name != "full"
+    stop.check("export")
     return export_and_verify(strategy, tokenizer, export_dir=ctx.run_dir / "export",
                              probe=torch.tensor([probe_row.input_ids[:128]]), rank=ctx.rank, device=ctx.device,
                              method=method.name, dtype=run.load_dtype, quant_config=quant,
                              precision=cfg.trainer.precision, run_dir=ctx.run_dir,
                              merge_base=ctx.model_dir if merge else None,
-                             merge_dtype=run.compute_dtype)  # the merged base unquantised, in the compute dtype
+                             merge_dtype=run.compute_dtype,  # the merged base unquantised, in the compute dtype
+                             stop=stop)
 
 
 def preflight(strategy: Strategy, ctx: WorkerContext, hooks: RunHooks, trained: loop.LoopResult,

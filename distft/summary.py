@@ -50,6 +50,7 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
             "measured_phases": result.get("peak_memory_bytes_by_phase")},  # {phase: [per worker]}, next to "phases"
         "worker_nodes": result.get("worker_nodes"),
         "resume_warning": result.get("resume_warning"),
+        "stopped_phase": result.get("stopped_phase"),  # a stopped run: training, loading, evaluation or export
     }
 
 
@@ -70,3 +71,44 @@ def write_failed_summary(storage: RunStorage, error: str) -> None:
     summary = {"status": "failed", "error": error, "error_kind": "user", "run_name": storage.name,
                "run_dir": storage.uri}
     storage.write_text("summary.json", json.dumps(summary, indent=2))
+
+
+def outcome_table(summary: dict) -> str:
+    """What the console shows when a run ends: the training in one line, evaluation before/after with the number of
+    examples behind each figure, where the export and summary.json are (summary.json has everything)."""
+    from distft.eval.gsm8k import wilson_interval
+    from distft.progress import duration
+
+    losses = f", train loss {summary['train_loss_first']:.4f} → {summary['train_loss_last']:.4f}" \
+        if summary.get("train_loss_last") is not None else ""
+    speed = f", {summary['tokens_per_second']:,.0f} tokens/s" if summary.get("tokens_per_second") else ""
+    lines = [f"distft: {summary['status']} {summary['run_name']} in {duration(summary['wall_seconds'])}: "
+             f"{summary['steps']} steps{losses}{speed}"]
+    before, after = summary.get("eval_start") or {}, summary.get("eval") or {}
+    if before or after:
+        lines.append(f"  {'':<20}{'before':>10}{'after':>10}")
+        if "eval_loss" in before or "eval_loss" in after:
+            n = after.get("eval_loss_examples", before.get("eval_loss_examples"))
+            lines.append(f"  {'eval loss':<20}{_cell(before.get('eval_loss'), '.4f')}"
+                         f"{_cell(after.get('eval_loss'), '.4f')}   ({n} examples)")
+        if "num_examples" in before or "num_examples" in after:
+            n = after.get("num_examples", before.get("num_examples"))
+            lines.append(f"  {'GSM8K format rate':<20}{_cell(before.get('gsm8k_format_rate'), '.1%')}"
+                         f"{_cell(after.get('gsm8k_format_rate'), '.1%')}   ({n} examples)")
+            ci = ""
+            if "gsm8k_correct" in after:
+                low, high = wilson_interval(after["gsm8k_correct"], after["num_examples"])
+                ci = f"; after: 95% CI {low:.1%}–{high:.1%}"
+            lines.append(f"  {'GSM8K accuracy':<20}{_cell(before.get('gsm8k_accuracy'), '.1%')}"
+                         f"{_cell(after.get('gsm8k_accuracy'), '.1%')}   ({n} examples{ci})")
+    check = summary.get("export_check") or {}
+    if summary.get("export_dir"):
+        verified = f" (reloaded and checked: max |logit diff| {check['max_abs_logit_diff']:.2g})" \
+            if check.get("ok") else ""
+        lines.append(f"  export: {summary['export_dir']}{verified}")
+    lines.append(f"  summary: {summary['run_dir']}/summary.json")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return f"{'–' if value is None else format(value, spec):>10}"

@@ -2,7 +2,7 @@
 
 The Hydra entry point: compose the config, then run it (`distft.launch.launch`) or, with `compare.enabled`, every
 arm of a comparison (`distft.compare.run_compare`), and turn the outcome into an exit code: 0 completed, 1 failed,
-2 a problem the user can fix (printed without a stack trace), 3 stopped after a checkpoint (rerun to resume).
+2 a problem the user can fix (printed without a stack trace), 3 stopped on request (SIGTERM; rerun to resume).
 """
 
 import json
@@ -18,7 +18,7 @@ from distft.config import CONF_DIR, register_configs
 from distft.errors import UserError
 from distft.launch import launch
 from distft.storage import RunStorage
-from distft.summary import write_failed_summary
+from distft.summary import outcome_table, write_failed_summary
 
 register_configs()
 
@@ -48,13 +48,21 @@ def main(cfg: DictConfig) -> None:
         if not multirun:
             sys.exit(2)
         return
-    print(json.dumps({k: summary[k] for k in ("status", "run_dir", "steps", "train_loss_last", "eval")}, indent=2))
+    print(outcome_table(summary))
     if summary["status"] == "stopped":
-        print(f"\ndistft: stopped ({summary['error']}) after a checkpoint; rerun the same command to resume\n",
-              file=sys.stderr)
+        print(f"\ndistft: {stopped_message(summary)}\n", file=sys.stderr)
         sys.exit(3)
     if summary["status"] != "completed" and not multirun:
         sys.exit(1)
+
+
+def stopped_message(summary: dict) -> str:
+    steps, phase = summary["steps"], summary.get("stopped_phase") or "training"
+    if not steps:
+        return f"stopped ({summary['error']}) during {phase}, before the first step (nothing to save); rerun " \
+            "the same command to start again"
+    where = "after a checkpoint" if phase == "training" else f"during {phase}; the checkpoint of step {steps} is kept"
+    return f"stopped ({summary['error']}) {where}; rerun the same command to resume"
 
 
 def _multirun_run_dir(cfg: DictConfig) -> bool:

@@ -38,11 +38,10 @@ def run_worker(cfg, config: dict, storage: RunStorage) -> None:
                                                                 explicit=cfg.run.resume_from, rank=rank)
     if rank == 0 and checkpoint is not None:
         storage.pull("metrics.jsonl")  # a new node's staging copy may be missing or stale
-    driver_stop = preemption.poll_stop_actor(cfg.run.name) if rank == 0 else (lambda: None)
     nodes = len(set(dist.all_gather_objects(ray.get_runtime_context().get_node_id())))
     hooks = RunHooks(report=lambda metrics, ckpt_dir, step: report(metrics, ckpt_dir, step, name_suffix),
                      sync=storage.push if rank == 0 else None,
-                     should_stop=lambda: preemption.stop_reason() or driver_stop(),
+                     should_stop=preemption.stop_requests(cfg.run.name),
                      fetch_checkpoint=lambda step: stored_checkpoint(storage, step, name_suffix))
     preemption.training_started()
     try:

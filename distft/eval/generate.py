@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -14,6 +16,8 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     add_special_tokens: bool = False,
+    should_stop: Callable[[], object] | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> list[str]:
     """Greedily complete each prompt and return only the new text, in the order of ``prompts``.
 
@@ -30,6 +34,9 @@ def greedy_generate(
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per ``generate`` call.
         add_special_tokens: whether the tokenizer adds BOS/EOS-style tokens to each prompt.
+        should_stop: asked before each batch; when it answers truthy, generation ends there and the prompts
+            not reached keep an empty output (the caller decides what a stopped evaluation means).
+        on_batch: called after each batch (progress).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -48,6 +55,8 @@ def greedy_generate(
     outputs = [""] * len(prompts)
     try:
         for start in range(0, len(order), batch_size):
+            if should_stop is not None and should_stop():
+                break
             rows = order[start : start + batch_size]
             batch = tokenizer(
                 [prompts[i] for i in rows],
@@ -70,6 +79,8 @@ def greedy_generate(
             texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
             for i, text in zip(rows, texts, strict=True):
                 outputs[i] = text
+            if on_batch is not None:
+                on_batch()
     finally:
         for module, training in modes.items():
             module.training = training

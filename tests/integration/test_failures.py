@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,54 +91,70 @@ def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_stor
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
-def _tiny_command(tmp_path: Path, gsm8k_dir: Path, name: str) -> list[str]:
-    """The same run as `run_tiny(..., "full", *COMMON)`, as a command line."""
+def _tiny_command(tmp_path: Path, gsm8k_dir: Path, name: str, *overrides: str) -> list[str]:
+    """The same run as `run_tiny(..., "full", *overrides)` with the evaluation at the start on, as a command line."""
     return [sys.executable, "-m", "distft.train", "+experiment=gsm8k_full", "model=tiny_llama", "hardware=cpu",
             f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",
             "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2",
             "trainer.warmup_steps=1", "trainer.lr=3e-3", "trainer.progress_bar=false", "eval.loss_examples=16",
             "eval.gsm8k_examples=4", "eval.max_new_tokens=8", "eval.at_start=true", "scaling.num_workers=2",
-            *COMMON, NO_EXPORT]
+            NO_EXPORT, *overrides]
 
 
-def test_sigterm_to_the_driver_and_to_a_worker_checkpoints_at_the_step_boundary(
+def _start(command: list[str], env: dict) -> tuple[subprocess.Popen, list[str]]:
+    """The command in the background, its output collected line by line as it comes."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(proc: subprocess.Popen, lines: list[str], text: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not any(text in line for line in lines):
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.1)
+
+
+def test_sigterm_during_the_first_evaluation_then_to_a_worker_mid_training(
         tmp_path, gsm8k_dir, ray_cluster, clean_curve, monkeypatch):
-    """Preemption notices: SIGTERM to the driver (as `ray job stop`, SLURM or Kubernetes send it), then SIGTERM to
-    a worker process. Each time every rank saves the same step and the run exits cleanly as `stopped`; rerunning
-    the same command resumes from that checkpoint, and the final curve equals the uninterrupted one."""
+    """Preemption notices. SIGTERM to the driver (as `ray job stop`, SLURM or Kubernetes send it) while the
+    evaluation before training generates: the workers stop at their next prompt batch, the run exits as `stopped`
+    before the first step with nothing to save. The rerun gets SIGTERM on a worker process at step 3: every rank
+    saves step 3 and the run exits as `stopped`; rerunning resumes from it to the uninterrupted curve."""
     import ray
 
     run_dir = tmp_path / "pre"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(_tiny_command(tmp_path, gsm8k_dir, "pre"), cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not ((run_dir / "metrics.jsonl").exists() and curve(str(run_dir))) and time.time() < deadline:
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGTERM)  # after step 1 at the earliest
-    output, _ = driver.communicate(timeout=240)
+    # a generation that takes a while (64 prompts of 96 tokens, one at a time), so the signal lands inside it
+    driver, lines = _start(_tiny_command(tmp_path, gsm8k_dir, "pre", "eval.gsm8k_examples=64",
+                                         "eval.max_new_tokens=96", "eval.batch_size=1"), env)
+    _wait_for(driver, lines, "evaluation before training: generation")
+    signalled = time.time()
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=240)
+    output = "".join(lines)
     assert driver.returncode == 3, output[-3000:]
+    assert time.time() - signalled < 60, output[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and "SIGTERM received by the driver" in summary["error"]
-    stop_step = summary["steps"]
-    assert 1 <= stop_step <= 4  # well before the worker's SIGTERM below, at step 5
-    kept = _checkpoints(run_dir)
-    assert kept[f"checkpoint_{stop_step:06d}"] is None  # saved at the step boundary, complete
-    assert "rerun the same command to resume" in output
+    assert summary["steps"] == 0 and summary["stopped_phase"] == "evaluation"
+    assert _checkpoints(run_dir) == {} and not (run_dir / "eval_start.json").exists()
+    assert "before the first step (nothing to save); rerun the same command to start again" in output
+    assert "Traceback" not in output
 
-    # the rerun resumes from it; now rank 1 receives SIGTERM at step 5 (a worker-side preemption)
-    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1:sigterm")
+    # the rerun starts from scratch; now rank 1 receives SIGTERM at step 3 (a worker-side preemption)
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "3:1:sigterm")
     second = run_tiny(tmp_path, gsm8k_dir, "pre", "full", *COMMON, NO_EXPORT)
     assert second["status"] == "stopped", second["error"]
-    assert second["error"] == "SIGTERM received by a worker"
-    assert second["resumed_from"].endswith(f"checkpoint_{stop_step:06d}")
-    assert second["steps"] == 5 and _checkpoints(run_dir)["checkpoint_000005"] is None
+    assert second["error"] == "SIGTERM received by a worker" and second["stopped_phase"] == "training"
+    assert second["resumed_from"] is None
+    assert second["steps"] == 3 and _checkpoints(run_dir)["checkpoint_000003"] is None
 
     monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
     third = run_tiny(tmp_path, gsm8k_dir, "pre", "full", *COMMON, NO_EXPORT)
     assert third["status"] == "completed", third["error"]
-    assert third["resumed_from"].endswith("checkpoint_000005")
+    assert third["resumed_from"].endswith("checkpoint_000003")
     assert curve(str(run_dir)) == clean_curve
 
 
@@ -150,7 +167,7 @@ def test_a_user_error_on_a_worker_is_one_message_without_tracebacks(tmp_path, gs
     run_dir = tmp_path / "user"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "DISTFT_FAULT_AT_STEP": "1:0:user_error"}
-    out = subprocess.run(_tiny_command(tmp_path, gsm8k_dir, "user"), cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run(_tiny_command(tmp_path, gsm8k_dir, "user", *COMMON), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     output = out.stdout + out.stderr
     assert out.returncode == 2, output[-3000:]

@@ -65,3 +65,58 @@ def test_a_choice_that_needs_a_missing_extra_names_the_extra(monkeypatch):
     assert command_line.missing_extra(["-m", "hydra/launcher=ray_tasks", "method=full,lora"]) == \
         "hydra/launcher=ray_tasks needs the 'sweep' extra: `pip install 'distft[sweep]'`"
     assert command_line.missing_extra(["-m", "method=full,lora"]) is None
+
+
+def test_progress_says_start_at_most_one_line_per_interval_and_done(caplog, monkeypatch):
+    import distft.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="distft.progress"):
+        with progress.Progress("evaluation: eval loss", 10, unit="batches", every=30) as p:
+            for _ in range(10):
+                clock[0] += 10
+                p.advance()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "evaluation: eval loss: 10 batches"
+    assert lines[1] == "evaluation: eval loss: 3/10 batches (30%), 30 s, about 1 min 10 s left"
+    assert len(lines) == 5 and lines[-1] == "evaluation: eval loss: done in 1 min 40 s"
+
+
+def test_the_end_of_a_run_is_a_short_before_after_table():
+    from distft.summary import outcome_table
+
+    def ev(loss, formatted, correct):
+        return {"eval_loss": loss, "eval_loss_examples": 32, "gsm8k_accuracy": correct / 32,
+                "gsm8k_format_rate": formatted / 32, "gsm8k_correct": correct, "gsm8k_formatted": formatted,
+                "num_examples": 32, "samples": [{"question": "q", "output": "a long generation " * 50}]}
+
+    summary = {"status": "completed", "run_name": "quick", "wall_seconds": 312.0, "steps": 32,
+               "train_loss_first": 1.3944, "train_loss_last": 1.0682, "tokens_per_second": 131.04,
+               "eval_start": ev(1.4336, 7, 1), "eval": ev(1.0456, 17, 0), "run_dir": "runs/quick",
+               "export_dir": "runs/quick/export", "export_check": {"ok": True, "max_abs_logit_diff": 1.2e-6}}
+    table = outcome_table(summary)
+    assert table.splitlines() == [
+        "distft: completed quick in 5 min 12 s: 32 steps, train loss 1.3944 → 1.0682, 131 tokens/s",
+        "                          before     after",
+        "  eval loss               1.4336    1.0456   (32 examples)",
+        "  GSM8K format rate        21.9%     53.1%   (32 examples)",
+        "  GSM8K accuracy            3.1%      0.0%   (32 examples; after: 95% CI 0.0%–10.7%)",
+        "  export: runs/quick/export (reloaded and checked: max |logit diff| 1.2e-06)",
+        "  summary: runs/quick/summary.json"]
+    assert "long generation" not in table
+    bare = outcome_table({**summary, "eval": None, "eval_start": None, "export_dir": None,
+                          "train_loss_last": None, "tokens_per_second": None})
+    assert bare.splitlines() == ["distft: completed quick in 5 min 12 s: 32 steps", "  summary: runs/quick/summary.json"]
+
+
+def test_a_stopped_run_says_what_a_rerun_does():
+    from distft.train import stopped_message
+
+    base = {"error": "SIGTERM received by the driver"}
+    assert "before the first step (nothing to save)" in stopped_message({**base, "steps": 0,
+                                                                          "stopped_phase": "evaluation"})
+    assert stopped_message({**base, "steps": 3, "stopped_phase": "training"}) == \
+        "stopped (SIGTERM received by the driver) after a checkpoint; rerun the same command to resume"
+    assert "during export; the checkpoint of step 8 is kept" in stopped_message({**base, "steps": 8,
+                                                                                 "stopped_phase": "export"})

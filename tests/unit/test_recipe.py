@@ -90,16 +90,90 @@ def test_resume_from_a_checkpoint_continues_the_identical_curve(full_run, tmp_pa
 
 def test_a_stop_request_checkpoints_at_the_step_boundary_and_returns_stopped(tmp_path, gsm8k_dir):
     report, reported = _keep_checkpoints(tmp_path)
-    calls = []
-
-    def should_stop():
-        calls.append(1)
-        return "SIGTERM received by a test" if len(calls) == 1 else None
+    def should_stop():  # asked once a step has been logged
+        return "SIGTERM received by a test" if (tmp_path / "metrics.jsonl").exists() else None
 
     result = run_training(_cfg(gsm8k_dir, "eval.enabled=false", "run.export=false"),
                           WorkerContext(run_dir=tmp_path, model_dir=tiny_model_dir()),
                           RunHooks(report=report, should_stop=should_stop))
     assert result == {"steps": 1, "max_steps": STEPS, "stopped": "SIGTERM received by a test",
-                      "resumed_from": None}
+                      "stopped_phase": "training", "resumed_from": None}
     assert [step for step, _ in reported] == [1]
     assert check_checkpoint(tmp_path / "checkpoint_000001") is None
+
+
+# --- a stop request outside the steps: prompt, and nothing that a rerun cannot redo is lost ---------------------
+
+def _stop_when(flag: list):
+    return lambda: "SIGTERM received by a test" if flag else None
+
+
+def test_a_stop_while_loading_ends_the_run_before_the_first_step(tmp_path, gsm8k_dir):
+    report, reported = _keep_checkpoints(tmp_path)
+    result = run_training(_cfg(gsm8k_dir), WorkerContext(run_dir=tmp_path, model_dir=tiny_model_dir()),
+                          RunHooks(report=report, should_stop=_stop_when([True])))
+    assert result == {"steps": 0, "stopped": "SIGTERM received by a test", "stopped_phase": "loading",
+                      "resumed_from": None}
+    assert reported == [] and not (tmp_path / "metrics.jsonl").exists()
+    assert json.loads((tmp_path / "train_result.json").read_text()) == result
+
+
+def test_a_stop_during_the_evaluation_before_training_ends_it_after_one_batch(tmp_path, gsm8k_dir, monkeypatch):
+    """The evaluation at the start used to run to its end (and then a whole step) before a SIGTERM took effect."""
+    import distft.eval.evaluate as evaluate
+
+    batches = []
+    real = evaluate.causal_lm_loss_sum
+    monkeypatch.setattr(evaluate, "causal_lm_loss_sum", lambda *a, **k: (batches.append(1), real(*a, **k))[1])
+    result = run_training(_cfg(gsm8k_dir, "eval.loss_examples=32", "eval.at_start=true"),
+                          WorkerContext(run_dir=tmp_path, model_dir=tiny_model_dir()),
+                          RunHooks(should_stop=_stop_when(batches)))
+    assert len(batches) == 1  # of 16 loss batches
+    assert result["stopped_phase"] == "evaluation" and result["steps"] == 0
+    assert not (tmp_path / "eval_start.json").exists() and read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def test_a_stop_during_generation_ends_it_at_the_next_prompt_batch(tmp_path, gsm8k_dir, monkeypatch):
+    import distft.eval.evaluate as evaluate
+
+    generated = []
+    real = evaluate.greedy_generate
+
+    def counting(*args, on_batch, **kwargs):
+        return real(*args, on_batch=lambda: (generated.append(1), on_batch()), **kwargs)
+
+    monkeypatch.setattr(evaluate, "greedy_generate", counting)
+    result = run_training(_cfg(gsm8k_dir, "eval.loss_examples=2", "eval.gsm8k_examples=8", "eval.batch_size=1",
+                               "eval.at_start=true"),
+                          WorkerContext(run_dir=tmp_path, model_dir=tiny_model_dir()),
+                          RunHooks(should_stop=_stop_when(generated)))
+    assert len(generated) == 1  # of 8 prompts, one per batch
+    assert result["stopped_phase"] == "evaluation" and result["steps"] == 0
+
+
+def test_a_stop_during_export_keeps_the_last_checkpoint_and_a_rerun_finishes(tmp_path, gsm8k_dir, monkeypatch):
+    """After the last step its checkpoint exists: a stop in the export removes the half-written export, and
+    resuming from that checkpoint redoes the export without training again."""
+    import distft.export as export
+
+    run_dir, ckpts = tmp_path / "run", tmp_path / "ckpts"
+    run_dir.mkdir()
+    ckpts.mkdir()
+    report, reported = _keep_checkpoints(ckpts)
+    exporting = []
+    real = export.export_model
+    monkeypatch.setattr(export, "export_model", lambda *a, **k: (exporting.append(1), real(*a, **k))[1])
+    cfg = _cfg(gsm8k_dir, "eval.enabled=false")
+    result = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir()),
+                          RunHooks(report=report, should_stop=_stop_when(exporting)))
+    assert result == {"steps": STEPS, "stopped": "SIGTERM received by a test", "stopped_phase": "export",
+                      "resumed_from": None}
+    assert exporting == [1] and not (run_dir / "export").exists() and not (run_dir / "export_probe.pt").exists()
+    assert [step for step, _ in reported] == [2, STEPS]
+    curve = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+    last = ckpts / f"checkpoint_{STEPS:06d}"
+    rerun = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir(), resume_dir=last))
+    assert rerun["steps"] == STEPS and rerun["resumed_from"] == str(last)
+    assert rerun["export_check"]["ok"] and (run_dir / "export" / "adapter_config.json").exists()
+    assert {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")} == curve  # no step trained again
