@@ -149,7 +149,7 @@ def report(path: Path) -> str:
         ratios = [m / p for m, p in zip(measured, preds, strict=True)]
         worst = max(worst, *(abs(r - 1) for r in ratios))
         c = plan.train
-        states = c["weights"] + c["gradients"] + c["optimizer"] + c.get("lora", 0)
+        states = c["weights"] + c["gradients"] + c["optimizer"] + c.get("lora", 0) + c.get("autocast_cache", 0)
         lines.append(
             f"| {model} | {strategy} | {method} | {pred / gib:.2f} GiB | "
             f"{', '.join(f'{m / gib:.2f}' for m in measured)} GiB | "

@@ -26,6 +26,7 @@ from distft.errors import ConfigError, UserError
 from distft.eval.export_eval import evaluate_export, write_result
 from distft.launch import init_ray, launch, local_resources, ray_initialized
 from distft.model import resolve_model_dir
+from distft.plan import PlanRefused, check_plan
 from distft.precheck import check_inputs, check_storage
 from distft.report import write_report
 from distft.storage import RunStorage
@@ -164,8 +165,10 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
 
 def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> None:
     """Each arm's storage, model and data (distft.precheck), before Ray starts; arms reading the same data with the
-    same model and batch layout are checked once."""
-    seen = set()
+    same model and batch layout are checked once. Then every arm's plan (distft.plan.check_plan): one error names
+    each arm the plan says does not fit (plan.enforce=false runs them anyway). The arm's own launch plans again,
+    which then passes."""
+    seen, model_dirs = set(), {}
     for name, arm_cfg in arms.items():
         t = arm_cfg.trainer
         key = (OmegaConf.to_yaml(OmegaConf.masked_copy(arm_cfg, ["model", "data", "eval", "scaling"]), resolve=True),
@@ -176,10 +179,24 @@ def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> Non
         try:
             check_storage(arm_cfg.run.storage_path)
             model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
+            model_dirs[OmegaConf.to_yaml(arm_cfg.model, resolve=True)] = model_dir
             for note in check_inputs(arm_cfg, model_dir, joins_cluster=joins_cluster):
                 print(f"distft: note: compare.arms.{name}: {note}", file=sys.stderr)
         except UserError as e:
             raise UserError(f"compare.arms.{name}: {e}") from None
+    refused = []
+    for name, arm_cfg in arms.items():
+        model_dir = model_dirs.get(OmegaConf.to_yaml(arm_cfg.model, resolve=True))
+        try:
+            if model_dir is None:
+                model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
+            check_plan(arm_cfg, model_dir)  # plan.enforce=false: the arm's launch warns
+        except PlanRefused as e:
+            refused.append(f"compare.arms.{name}: {e}")
+        except Exception:  # noqa: BLE001, S110 - a planner failure never stops a run; the arm's launch warns
+            pass
+    if refused:
+        raise PlanRefused("\n".join(refused))
 
 
 def _run_arm(arm_cfg: DictConfig) -> dict:

@@ -18,7 +18,7 @@ from distft.config import validate_cluster, validate_config
 from distft.config.validate import local_cpu_count
 from distft.errors import UserError
 from distft.model import cache_dir, resolve_model_dir
-from distft.plan import predict_run
+from distft.plan import PlanRefused, check_plan
 from distft.plan.preflight import write_preflight
 from distft.precheck import check_inputs, check_storage
 from distft.storage import RunStorage, is_uri
@@ -195,13 +195,19 @@ def _root_cause(error: Exception) -> str:
 
 
 def run_plan(cfg: DictConfig, model_dir: str) -> dict | None:
-    """The planner's per-worker memory prediction for this run (logged next to the measured peaks); a planner
-    failure never stops training."""
+    """The planner's per-worker memory prediction for this run (logged next to the measured peaks), checked before
+    Ray starts: a run the plan says does not fit is refused (PlanRefused, naming an alternative that fits) unless
+    plan.enforce=false. A planner failure never stops training."""
     try:
-        return predict_run(cfg, model_dir=model_dir)
+        prediction, refusal = check_plan(cfg, model_dir)
+    except PlanRefused:
+        raise
     except Exception as e:  # noqa: BLE001
         print(f"distft: warning: no memory plan for this run: {type(e).__name__}: {e}", file=sys.stderr)
         return None
+    if refusal:
+        print(f"distft: warning: plan.enforce=false, running anyway: {refusal}", file=sys.stderr)
+    return prediction
 
 
 # --- the Ray cluster --------------------------------------------------------------------------------------------

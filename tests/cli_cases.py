@@ -55,6 +55,15 @@ CASES = [
     Case("lr-zero", ("trainer.lr=0",), ("trainer.lr=0.0 must be positive",)),
     Case("gpu-on-cpu", ("hardware=gpu_1x",), ("asks for 1 GPUs", "the Ray cluster has 0", "hardware=cpu")),
     Case("qlora-4bit", ("method=qlora", "model.supports_4bit=false"), ("cannot be loaded in 4-bit", "method=lora")),
+    # the plan before launching: a run the planner says does not fit is refused with a same-method alternative
+    Case("plan-does-not-fit", ("method=full", "hardware.host_memory_gb=1.6"),
+         ("the plan says this run does not fit", "0.82 GiB per worker", "hardware.host_memory_gb=1.6",
+          "Fits with the same method (full): strategy=fsdp", "plan.enforce=false")),
+    Case("plan-compare-arm", ("+experiment=gsm8k_compare", "model=tiny_llama", "hardware=cpu", "data.path={data}",
+                              "run.storage_path={runs}", "data.seq_len=128", "hardware.host_memory_gb=1.6",
+                              "compare.arms.full.overrides=[]"),
+         ("compare.arms.full: the plan says this run does not fit", "strategy=fsdp", "plan.enforce=false"),
+         base=False),
     # data files
     Case("data-missing", ("data.path={tmp}/nope",), ("data.path=", "nope does not exist", "train.jsonl")),
     Case("data-bad-json", (), ("train.jsonl:4: invalid JSON", "write one JSON object per line"),

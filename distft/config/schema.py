@@ -98,7 +98,7 @@ class HardwareConfig:
     mfu: float = 0.4  # model FLOPs utilisation assumed for the estimate
     tokens_per_second: Optional[float] = None  # measured throughput (e.g. summary.json's), overrides mfu
     host_memory_gb: Optional[float] = None  # RAM per node, to check loading; None: not checked
-    gpus_per_node: int = 8  # workers sharing one node's RAM while loading
+    gpus_per_node: int = 8  # GPUs per node: min(this, scaling.num_workers) workers share one node's RAM while loading
 
 
 @dataclass
@@ -203,6 +203,15 @@ class CompareConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The planner's check before launching (distft.plan.check_plan): a run its own prediction says does not fit
+    (per-worker memory against hardware.gpu_memory_gb or this machine's RAM, host RAM per node against
+    hardware.host_memory_gb) is refused before Ray starts, naming an alternative that fits."""
+
+    enforce: bool = True  # false: run anyway (a warning says what the plan predicted)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -216,6 +225,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     preflight: bool = False  # one real step, checkpoint save and reload, measured vs planned memory; then stop
     compare: CompareConfig = field(default_factory=CompareConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:

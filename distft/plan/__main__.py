@@ -1,16 +1,17 @@
-"""`python -m distft.plan +experiment=gsm8k_lora [overrides] [--top N] [--json] [--no-count]`
+"""`python -m distft.plan +experiment=gsm8k_lora [overrides] [--top N] [--json] [--no-count] [--help]`
 
 Composes the same Hydra config as `python -m distft.train` (same overrides, same validation), then prints per-worker
 memory by component and phase, whether it fits, throughput, time and cost per epoch, and the best feasible
 alternatives for the same model and worker count as Hydra overrides. Reads no weights and needs no hub or GPU.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from distft.errors import UserError
-from distft.plan import GiB, Plan, alternatives, plan_config, predict_run
+from distft.plan import GiB, Plan, alternatives, gpus_per_node, plan_config, prediction
 from distft.plan.throughput import dataset_tokens
 
 
@@ -27,18 +28,42 @@ def compose(overrides: list[str]):
 
 
 def local_model_dir(cfg) -> str | None:
-    """A directory with config.json/tokenizer for this model if one exists here already (nothing is prepared)."""
+    """A directory with this model's config.json if one exists here already (nothing is prepared). None for a
+    random-init model: its shape is the one in `model.*`."""
     from distft.model import EMBEDDED_NAME, cache_dir
 
-    if cfg.model.source == "embedded" or (cfg.model.source == "random" and cfg.model.tokenizer in (None, "embedded")):
+    if cfg.model.source == "embedded":
         d = cache_dir() / "models" / EMBEDDED_NAME
         return str(d) if (d / "config.json").exists() else None
+    if cfg.model.source == "random":
+        return None
     path = cfg.model.get("path")
     return path if path and Path(path).is_dir() else None
 
 
+def local_tokenizer_dir(cfg) -> str | None:
+    """A directory with this model's tokenizer if one exists here already (for counting the epoch's tokens)."""
+    from distft.model import EMBEDDED_NAME, cache_dir
+
+    if cfg.model.source == "random":
+        if cfg.model.tokenizer in (None, "embedded"):
+            d = cache_dir() / "models" / EMBEDDED_NAME
+            return str(d) if (d / "tokenizer_config.json").exists() else None
+        return cfg.model.tokenizer if Path(cfg.model.tokenizer).is_dir() else None
+    return local_model_dir(cfg)
+
+
 def gib(n: float | None) -> str:
     return "–" if n is None else f"{n / GiB:.2f}"
+
+
+def duration(seconds: float) -> str:
+    """Hours with two decimals, or minutes / seconds for a run shorter than that."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds:.2g} s"
 
 
 def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> str:
@@ -53,12 +78,15 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     out.append(f"parameters: {mem.total_params:,} total, {mem.trainable_params:,} trainable{lora}")
     out.append("")
     out.append("memory per worker, training step (GiB)")
-    labels = {"weights": "weights", "lora": "LoRA parameters", "gradients": "gradients",
+    labels = {"weights": "weights", "lora": "LoRA parameters", "autocast_cache": "autocast bf16 weight copies",
+              "gradients": "gradients",
               "optimizer": "optimizer states", "sharding_buffers": "sharding / communication buffers",
               "activations": "activations", "runtime": "runtime (CPU process baseline)",
               "checkpoint_file": "mapped weights file (CPU)"}
     for key, label in labels.items():
-        out.append(f"  {label:<34} {gib(mem.train[key]):>9}")
+        if key == "autocast_cache" and not mem.train.get(key):
+            continue
+        out.append(f"  {label:<34} {gib(mem.train.get(key, 0)):>9}")
     out.append(f"  {'total':<34} {gib(sum(mem.train.values())):>9}")
     out.append("")
     out.append("activations by micro-batch and sequence length (GiB): without / with activation checkpointing")
@@ -75,7 +103,8 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     if plan.accelerator == "cuda":
         out.append(f"  + CUDA context and allocator overhead → needs {gib(plan.need_bytes)} GiB of "
                    f"{gib(plan.capacity_bytes)} GiB: {verdict(plan.fits)}")
-        host = f"{gib(mem.host_per_node_load)} GiB ({cfg.hardware.gpus_per_node} workers per node)"
+        per_node = gpus_per_node(cfg)
+        host = f"{gib(mem.host_per_node_load)} GiB ({per_node} worker{'s' if per_node > 1 else ''} per node)"
         limit = f" of {cfg.hardware.host_memory_gb:g} GiB" if cfg.hardware.host_memory_gb else \
             " (set hardware.host_memory_gb to check it)"
         out.append(f"host RAM per node at load: {host}{limit}")
@@ -97,18 +126,29 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
         for label, count in (("per epoch", n), ("this run" + (f" ({t.max_steps} steps)" if t.max_steps
                                                                else f" ({t.epochs} epochs)"), run_tokens)):
             if plan.tokens_per_second and count:
-                hours = count / plan.tokens_per_second / 3600
-                cost = f", ${hours * plan.world * cfg.hardware.gpu_hour_usd:,.2f}" \
+                seconds = count / plan.tokens_per_second
+                cost = f", ${seconds / 3600 * plan.world * cfg.hardware.gpu_hour_usd:,.2f}" \
                     if cfg.hardware.gpu_hour_usd is not None else " (set hardware.gpu_hour_usd for cost)"
-                out.append(f"  {label}: {hours:.2f} h{cost}")
+                out.append(f"  {label}: {duration(seconds)}{cost}")
     out.append("")
     out.append(f"best feasible alternatives ({s['model']}, {plan.world} workers), fastest first:")
     if not alts:
         out.append("  none fits: more workers, a larger GPU, or a smaller model")
+    previous, ties = None, False
     for overrides, alt in alts:
-        speed = f"{alt.tokens_per_second:,.0f} tok/s" if alt.tokens_per_second else \
-            f"{alt.flops_per_token / 1e9:.2f} GFLOP/token"
+        if alt.tokens_per_second:
+            speed = f"{alt.tokens_per_second:,.0f} tok/s"
+        else:
+            speed = f"{alt.flops_per_token / 1e9:.2f} GFLOP/token"
+        if speed == previous:
+            speed, ties = "tie", True  # the estimate has no basis to tell these apart
+        else:
+            previous = speed
         out.append(f"  {gib(alt.peak_bytes):>7} GiB  {speed:>16}  {' '.join(overrides)}")
+    if ties:
+        out.append("  tie: the same estimate as the row above. Speeds differ only by FLOPs per token and offload "
+                   "transfers (communication and micro-batch efficiency are not modelled: docs/planner.md); ties are "
+                   "ordered by larger micro-batch, then smaller peak")
     return "\n".join(out)
 
 
@@ -135,34 +175,48 @@ def activation_table(cfg, plan: Plan) -> str:
     return "\n  ".join(rows)
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distft.plan",
+        description="Per-worker memory, fit, throughput, time and cost of a distft.train config, and the best "
+                    "feasible alternatives; reads no weights and needs no hub or GPU.",
+        epilog="example: python -m distft.plan +experiment=gsm8k_full model=llama2_13b hardware.gpu_memory_gb=40")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="Hydra overrides, the same as for python -m distft.train (e.g. +experiment=gsm8k_lora "
+                        "model=llama2_13b strategy=zero3)")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="alternatives to list (default 5)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.add_argument("--no-count", action="store_true", help="do not tokenize the dataset to count an epoch's tokens")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    flags = {a for a in argv if a.startswith("--")}
-    top = 5
-    for a in list(flags):
-        if a.startswith("--top="):
-            top = int(a.split("=", 1)[1])
-    overrides = [a for a in argv if not a.startswith("--")]
+    args = parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    if args.top < 0:
+        parser().error(f"--top={args.top} must be 0 or more")
     try:
         from distft.config import validate_config
+        from distft.config.validate import missing_packages
 
-        cfg = compose(overrides)
-        validate_config(cfg)
+        cfg = compose(args.overrides)
+        validate_config(cfg, installed=False)  # planning needs none of the optional packages
         model_dir = local_model_dir(cfg)
         plan = plan_config(cfg, model_dir=model_dir)
         tokens = None
-        if "--no-count" not in flags:
+        if not args.no_count:
             template = cfg.data.template if cfg.model.chat_template else "plain"
-            tokens = dataset_tokens(name=cfg.data.name, path=cfg.data.path, tokenizer_dir=model_dir,
+            tokens = dataset_tokens(name=cfg.data.name, path=cfg.data.path, tokenizer_dir=local_tokenizer_dir(cfg),
                                     seq_len=cfg.data.seq_len, packing=cfg.data.packing,
                                     limit=cfg.data.max_train_examples, template=template, hub_id=cfg.data.hub_id,
                                     system_prompt=cfg.data.system_prompt)
-        alts = alternatives(cfg, shape=plan.shape, top=top)
+        alts = alternatives(cfg, shape=plan.shape, top=args.top)
     except UserError as e:
         print(f"\ndistft.plan: error: {e}\n", file=sys.stderr)
         return 2
-    if "--json" in flags:
-        print(json.dumps({**predict_run(cfg, model_dir=model_dir), "tokens_per_second": plan.tokens_per_second,
+    for problem in missing_packages(cfg):
+        print(f"distft.plan: note: training this here needs more: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**prediction(plan), "tokens_per_second": plan.tokens_per_second,
                           "flops_per_token": plan.flops_per_token, "epoch_tokens": tokens[0] if tokens else None,
                           "alternatives": [{"overrides": o, "peak_bytes": a.peak_bytes, "fits": a.fits,
                                             "tokens_per_second": a.tokens_per_second} for o, a in alts]}, indent=2))

@@ -94,7 +94,7 @@ class MemoryInputs:
     eval_batch_size: int = 16
     max_new_tokens: int = 256
     export: bool = True
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # workers of this run on one node (memory_inputs: min(hardware.gpus_per_node, world))
     rank0_load: bool = False
     cpu_malloc_pinned: bool = True
 
@@ -295,11 +295,12 @@ def train_components(shape: ModelShape, x: MemoryInputs, w: Weights, state: Engi
     acts = activation_bytes(shape, method=x.method, micro_batch_size=x.micro_batch_size, seq_len=x.seq_len,
                             act_bytes=x.act_bytes, packing=x.packing, gradient_checkpointing=x.gradient_checkpointing,
                             lora_r=x.lora_r, lora_dropout=x.lora_dropout, target_modules=x.target_modules)
-    # bf16 autocast keeps a bf16 copy of every fp32 weight it casts (DDP full fine-tuning)
+    # bf16 autocast keeps a bf16 copy of every fp32 weight it casts (DDP full fine-tuning) until the forward and
+    # backward are done: a weights term, not activations
     autocast_copies = w.total * 2 if x.sharding.engine == "ddp" and x.method == "full" and x.act_bytes == 2 else 0
-    return {"weights": w.weights, "lora": w.lora_held, "gradients": state.gradients, "optimizer": state.optimizer,
-            "sharding_buffers": state.buffers, "activations": acts + autocast_copies, "runtime": proc.runtime,
-            "checkpoint_file": proc.mapped}
+    return {"weights": w.weights, "lora": w.lora_held, "autocast_cache": autocast_copies,
+            "gradients": state.gradients, "optimizer": state.optimizer, "sharding_buffers": state.buffers,
+            "activations": acts, "runtime": proc.runtime, "checkpoint_file": proc.mapped}
 
 
 def steady_bytes(x: MemoryInputs, w: Weights, state: EngineState, proc: ProcessBytes) -> int:

@@ -33,7 +33,7 @@ def test_arm_overrides_disable_and_add_arms():
     arms = arms_for(["compare.arms.qlora.enabled=false", "compare.arms.lora.overrides=['strategy=zero3']",
                      "+compare.arms={lora_r4:{method:lora,lr:3e-4,overrides:['method.lora_r=4']}}"])
     assert list(arms) == ["full", "lora", "lora_r4"]
-    assert arms["lora"].strategy.name == "zero3" and arms["full"].strategy.name == "ddp"
+    assert arms["lora"].strategy.name == "zero3" and arms["full"].strategy.name == "fsdp"  # full: sharded by default
     assert arms["lora_r4"].method.lora_r == 4 and arms["lora_r4"].trainer.lr == 3e-4
 
 

@@ -312,3 +312,175 @@ def test_phase_peaks_attribute_each_peak_to_its_phase():
     assert set(phases) == {"load", "train", "save"}
     assert phases["load"] > phases["train"] + 150_000_000 and phases["load"] > phases["save"] + 150_000_000
     assert peak == phases["load"]
+
+
+# --- the check before launching (plan.enforce) and the review fixes ---------------------------------------
+
+def test_a_run_that_does_not_fit_is_refused_with_an_alternative_that_keeps_the_method():
+    from distft.plan import PlanRefused, check_plan
+
+    cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp"])  # Llama-2-7B full on DDP: 157.6 GiB of 80
+    with pytest.raises(PlanRefused) as refused:
+        check_plan(cfg)
+    message = str(refused.value)
+    assert "needs 157.6 GiB per worker" in message and "hardware.gpu_memory_gb=80" in message
+    suggestion = next(line for line in message.splitlines() if line.startswith("Fits with the same method (full)"))
+    assert "strategy=" in suggestion and "method=" not in suggestion  # the method is kept
+    assert "plan.enforce=false" in message
+
+
+def test_only_when_no_setting_fits_with_the_method_another_method_is_named():
+    from distft.plan import PlanRefused, check_plan
+
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.host_memory_gb=8"])
+    with pytest.raises(PlanRefused, match=r"(?s)host RAM per node while loading \(1 worker per node\).*"
+                                          r"No setting .* fits with method=lora.*With another method: method=qlora"):
+        check_plan(cfg)
+
+
+def test_enforce_false_and_unknown_capacity_pass_and_a_planner_failure_never_blocks(monkeypatch, capsys):
+    from distft import launch
+    from distft.plan import PlanRefused, check_plan
+
+    cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp", "plan.enforce=false"])
+    prediction, message = check_plan(cfg)
+    assert prediction["fits"] is False and "does not fit" in message
+    assert launch.run_plan(cfg, None)["fits"] is False
+    assert "plan.enforce=false, running anyway" in capsys.readouterr().err
+    unknown = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp", "hardware.gpu_memory_gb=0"])
+    assert check_plan(unknown)[0]["fits"] is None and check_plan(unknown)[1] is None
+    assert launch.run_plan(unknown, None)["fits"] is None
+    with pytest.raises(PlanRefused):
+        launch.run_plan(compose_cfg(["+experiment=gsm8k_full", "strategy=ddp"]), None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(launch, "check_plan", broken)
+    assert launch.run_plan(cfg, None) is None
+    assert "no memory plan for this run: RuntimeError: planner bug" in capsys.readouterr().err
+
+
+def test_cpu_test_configs_fit_with_room_to_spare():
+    for method in ("full", "lora", "qlora"):
+        for model in ("tiny_llama", "smollm2_135m"):
+            cfg = compose_cfg([f"+experiment=gsm8k_{method}", f"model={model}", "hardware=cpu",
+                               "hardware.host_memory_gb=24"])
+            plan = plan_config(cfg)
+            assert plan.fits and plan.need_bytes < plan.capacity_bytes / 2, (method, model)
+
+
+def test_full_presets_default_to_a_strategy_that_fits():
+    from distft.compare import compose_arms
+
+    full = compose_cfg(["+experiment=gsm8k_full"])
+    assert full.strategy.name == "fsdp" and plan_config(full).fits
+    readme = ["+experiment=gsm8k_compare", "compare.arms.full.lr=2e-5", "compare.arms.qlora.enabled=false",
+              "compare.arms.lora.overrides=['strategy=zero3']", "compare.final_eval=true"]
+    for name, arm in compose_arms(compose_cfg(readme), readme).items():
+        assert plan_config(arm).fits, name
+
+
+def test_one_gpu_counts_one_worker_of_host_ram():
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", *NO_EVAL])
+    plan = plan_config(cfg)
+    assert plan.memory.host_per_node_load == plan.shape.total_params() * 2  # one bf16 copy, not 8
+    eight = plan_config(compose_cfg(["+experiment=gsm8k_lora", *NO_EVAL]))
+    assert eight.memory.host_per_node_load == 8 * plan.memory.host_per_node_load
+
+
+def test_durations_under_an_hour_are_minutes_or_seconds():
+    from distft.plan.__main__ import duration
+
+    assert (duration(7200), duration(600), duration(30)) == ("2.00 h", "10.0 min", "30.0 s")
+
+
+def test_short_run_prints_no_zero_hours(capsys, gsm8k_dir):
+    assert plan_main(["+experiment=gsm8k_lora", "model=smollm2_135m", "hardware=cpu", f"data.path={gsm8k_dir}",
+                      "hardware.tokens_per_second=5000", "trainer.max_steps=10"]) == 0
+    out = capsys.readouterr().out
+    assert "this run (10 steps): 2.0 s" in out and "0.00 h" not in out
+
+
+def test_autocast_weight_cache_is_its_own_component_and_the_total_is_unchanged(capsys):
+    cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp", *NO_EVAL])
+    plan = plan_config(cfg)
+    assert plan.train["autocast_cache"] == 2 * plan.memory.total_params
+    acts = activation_bytes(plan.shape, method="full", micro_batch_size=4, seq_len=512, act_bytes=2, packing=True,
+                            gradient_checkpointing=False, lora_r=16, lora_dropout=0.05, target_modules=["all-linear"])
+    assert plan.train["activations"] == acts
+    assert sum(plan.train.values()) == plan.memory.phases["train"]["rank0"]
+    assert plan_main(["+experiment=gsm8k_full", "strategy=ddp", "--no-count", "--top=0"]) == 0
+    assert "autocast bf16 weight copies" in capsys.readouterr().out
+
+
+def test_planning_needs_no_optional_package_and_alternatives_do_not_depend_on_them(monkeypatch, capsys):
+    import importlib.util
+
+    from distft.config import validate_config
+    from distft.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "deepspeed") else real(name, *a))
+    assert plan_main(["+experiment=gsm8k_qlora", "--no-count"]) == 0
+    assert "needs bitsandbytes" in capsys.readouterr().err  # a note: training it here would need it
+    cfg = compose_cfg(["+experiment=gsm8k_lora", *NO_EVAL])
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        validate_config(compose_cfg(["+experiment=gsm8k_qlora"]))  # training still checks
+    alts = alternatives(cfg, top=100)
+    assert {o[1] for o, _ in alts} >= {"method=qlora"} and {o[0] for o, _ in alts} >= {"strategy=zero3"}
+
+
+def test_alternatives_with_a_measured_rate_count_offload_transfers():
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware.tokens_per_second=50000", *NO_EVAL])
+    alts = {" ".join(o): plan for o, plan in alternatives(cfg, top=1000)}
+    same = "method=lora trainer.micro_batch_size=4 trainer.gradient_checkpointing=false"
+    plain, offload = alts[f"strategy=zero3 {same}"], alts[f"strategy=zero3_offload {same}"]
+    assert plain.tokens_per_second == pytest.approx(50000)
+    assert offload.tokens_per_second < plain.tokens_per_second * 0.9
+    assert "offload transfers" in offload.throughput_source
+
+
+def test_ties_are_said_not_printed(capsys):
+    assert plan_main(["+experiment=gsm8k_lora", "--no-count", "--top", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "trainer.micro_batch_size=" in line]
+    assert len(rows) == 3 and sum("tok/s" in r for r in rows) == len({r.split("GiB")[1].split()[0] for r in rows
+                                                                      if "tok/s" in r})
+    assert any(" tie " in r for r in rows)
+
+
+def test_help_exits_without_planning_and_unknown_flags_are_errors(capsys, monkeypatch):
+    import distft.plan.__main__ as cli
+
+    monkeypatch.setattr(cli, "compose", lambda overrides: pytest.fail("--help must not plan"))
+    with pytest.raises(SystemExit) as done:
+        plan_main(["--help"])
+    assert done.value.code == 0 and "usage: python -m distft.plan" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        plan_main(["+experiment=gsm8k_lora", "--jsn"])
+    assert bad.value.code == 2 and "unrecognized arguments: --jsn" in capsys.readouterr().err
+
+
+def test_random_model_plans_its_own_shape_not_the_embedded_one(tmp_path, monkeypatch, capsys):
+    import distft.model
+
+    embedded = tmp_path / "models" / distft.model.EMBEDDED_NAME  # a prepared SmolLM2 directory on this machine
+    embedded.mkdir(parents=True)
+    (embedded / "config.json").write_text(json.dumps(_hf_config(SHAPES["smollm2_135m"]).to_dict()))
+    monkeypatch.setattr(distft.model, "cache_dir", lambda: tmp_path)
+    assert plan_main(["+experiment=gsm8k_lora", "model=tiny_llama", "hardware=cpu", "--json", "--no-count"]) == 0
+    tiny = model_shape(compose_cfg(["model=tiny_llama"]).model)
+    assert json.loads(capsys.readouterr().out)["total_params"] == tiny.total_params() == 6_365_504
+
+
+def test_every_example_in_planner_md_runs(capsys):
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "planner.md").read_text()
+    block = text.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    examples = [line.split("#")[0].split()[3:] for line in block.splitlines()
+                if line.startswith("python -m distft.plan ") and "..." not in line]
+    assert len(examples) >= 3
+    for args in examples:
+        assert plan_main([*args, "--no-count", "--top=1"]) == 0, args
