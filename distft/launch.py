@@ -33,6 +33,7 @@ PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_T
 def launch(cfg: DictConfig) -> dict:
     """One run, start to finish: validate → prepare the model → connect to Ray → train → summary.json.
     Nothing is scheduled on the cluster until every check has passed. Returns the summary."""
+    console.show_progress()
     absolute_paths(cfg)
     validate_config(cfg)
     if cfg.preflight:  # its own directory: a preflight checkpoint must never become the real run's resume point

@@ -19,7 +19,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         self.started = self.last = time.monotonic()
         if self.enabled:
-            log.info("%s%s", self.what, f": {self.total} {self.unit}".rstrip() if self.total else " ...")
+            log.info("%s%s", self.what, f": {self.total} {plural(self.unit, self.total)}".rstrip()
+                     if self.total else " ...")
         return self
 
     def advance(self, n: int = 1) -> None:
@@ -44,6 +45,13 @@ class Progress:
 def step(what: str, *, enabled: bool = True) -> Progress:
     """One long call with no count (a model read, a state-dict gather): a start line and a done line."""
     return Progress(what, enabled=enabled)
+
+
+def plural(unit: str, n: int) -> str:
+    """"batches" for 1 is "batch"."""
+    if n != 1:
+        return unit
+    return unit[:-2] if unit.endswith("ches") else unit[:-1] if unit.endswith("s") else unit
 
 
 def duration(seconds: float) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -145,6 +146,8 @@ def stopped_early(ctx: WorkerContext, hooks: RunHooks, stopped: StopRequested, *
 
 def setup_process(cfg, ctx: WorkerContext) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[rank{ctx.rank}] %(levelname)s %(name)s: %(message)s")
+    # peft asks transformers for a deprecated property on every LoRA model: a warning per run and rank, nothing to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if ctx.rank != 0:  # every rank reads the same data: its summary is printed once, by rank 0
         logging.getLogger("distft.data").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))

@@ -17,7 +17,10 @@ PARITY = ("trainer.max_steps=10", "eval.enabled=false", "run.export=false", "tra
 
 
 def run_tiny(tmp_path: Path, gsm8k_dir: Path, name: str, method: str = "lora", *overrides: str) -> dict:
-    """`python -m distft.train +experiment=gsm8k_<method> model=tiny_llama hardware=cpu ...`, in-process."""
+    """`python -m distft.train +experiment=gsm8k_<method> model=tiny_llama hardware=cpu ...`, in-process, on DDP
+    unless the overrides name a strategy (gsm8k_full defaults to FSDP, for 7B on GPUs)."""
+    if not any(o.startswith("strategy=") for o in overrides):
+        overrides = ("strategy=ddp", *overrides)
     cfg = compose_cfg([
         f"+experiment={EXPERIMENT[method]}", "model=tiny_llama", "hardware=cpu",
         f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",

@@ -146,7 +146,7 @@ def _node_running_a_train_worker(nodes: list[subprocess.Popen]) -> subprocess.Po
     raise AssertionError("no Ray Train worker found on the worker nodes")
 
 
-TRAIN_ARGS = ["+experiment=gsm8k_full", "model=tiny_llama", "hardware=cpu", "data.max_train_examples=96",
+TRAIN_ARGS = ["+experiment=gsm8k_full", "strategy=ddp", "model=tiny_llama", "hardware=cpu", "data.max_train_examples=96",
               "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.warmup_steps=1",
               "trainer.lr=3e-3", "trainer.progress_bar=false", "eval.enabled=false", "run.export=false",
               "scaling.num_workers=2", "scaling.placement_strategy=SPREAD"]

@@ -24,15 +24,15 @@ from tests.integration.conftest import curve, run_tiny
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("eval.enabled=false",)  # 6 steps, a checkpoint every 2
+# 10 steps (a checkpoint every 2): the schedule of the DDP parity run, whose curve is the uninterrupted one
+COMMON = ("eval.enabled=false", "trainer.max_steps=10")
 NO_EXPORT = "run.export=false"
 
 
 @pytest.fixture(scope="module")
-def clean_curve(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[int, float]:
-    summary = run_tiny(tmp_path_factory.mktemp("clean"), gsm8k_dir, "clean", "full", *COMMON, NO_EXPORT)
-    assert summary["status"] == "completed", summary["error"]
-    return curve(summary["run_dir"])
+def clean_curve(ddp_parity_curves) -> dict[int, float]:
+    """The uninterrupted full fine-tuning curve: the DDP parity run (same data, schedule and seed)."""
+    return ddp_parity_curves["full"]
 
 
 def _checkpoints(run_dir: Path) -> dict[str, str | None]:
@@ -81,7 +81,7 @@ def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_stor
     # retention (num_to_keep=2) kept only complete checkpoints, and every one Ray still lists exists
     kept = _checkpoints(run_dir)
     assert len(kept) == 2 and all(problem is None for problem in kept.values()), kept
-    assert max(read_meta(run_dir / c)["step"] for c in kept) == 6
+    assert max(read_meta(run_dir / c)["step"] for c in kept) == 10
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     for name in kept:
         assert name in snapshot
@@ -94,8 +94,9 @@ def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_stor
 def _tiny_command(tmp_path: Path, gsm8k_dir: Path, name: str, *overrides: str) -> list[str]:
     """The same run as `run_tiny(..., "full", *overrides)` with the evaluation at the start on, as a command line."""
     return [sys.executable, "-m", "distft.train", "+experiment=gsm8k_full", "model=tiny_llama", "hardware=cpu",
+            "strategy=ddp",
             f"run.storage_path={tmp_path}", f"run.name={name}", f"data.path={gsm8k_dir}",
-            "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=6", "trainer.checkpoint_every=2",
+            "data.max_train_examples=96", "data.seq_len=384", "trainer.max_steps=10", "trainer.checkpoint_every=2",
             "trainer.warmup_steps=1", "trainer.lr=3e-3", "trainer.progress_bar=false", "eval.loss_examples=16",
             "eval.gsm8k_examples=4", "eval.max_new_tokens=8", "eval.at_start=true", "scaling.num_workers=2",
             NO_EXPORT, *overrides]

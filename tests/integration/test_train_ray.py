@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distft.tracking import read_metrics
-from tests.integration.conftest import assert_curves_close, curve, reload_export_and_compare, run_tiny
+from tests.integration.conftest import PARITY, assert_curves_close, curve, reload_export_and_compare, run_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +65,15 @@ def test_method_trains_on_two_workers_and_exports(method, tmp_path, gsm8k_dir, r
         assert torch.allclose(merged_logits, probe["logits"], atol=1e-4)
 
 
-def test_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
-    clean = run_tiny(tmp_path, gsm8k_dir, "clean", "lora", "eval.enabled=false")
+def test_worker_killed_mid_run_resumes_to_the_identical_loss_curve(tmp_path, gsm8k_dir, ray_cluster, monkeypatch,
+                                                                   ddp_parity_curves):
     monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "5:1")  # rank 1 dies once during step 5 (last checkpoint: step 4)
-    faulty = run_tiny(tmp_path, gsm8k_dir, "faulty", "lora", "eval.enabled=false", "run.max_failures=1")
-    assert clean["status"] == faulty["status"] == "completed", faulty["error"]
+    faulty = run_tiny(tmp_path, gsm8k_dir, "faulty", "lora", *PARITY, "trainer.checkpoint_every=2",
+                      "run.max_failures=1")
+    assert faulty["status"] == "completed", faulty["error"]
     assert (Path(faulty["run_dir"]) / ".fault_injected_step5_rank1").exists()  # the fault really happened
     assert faulty["resumed_from"] is not None
-    assert curve(faulty["run_dir"]) == curve(clean["run_dir"])  # exact on CPU, keyed by step
+    assert curve(faulty["run_dir"]) == ddp_parity_curves["lora"]  # the uninterrupted run; exact on CPU, by step
 
 
 def test_micro_batch_times_accumulation_factorisations_agree(tmp_path, gsm8k_dir, ray_cluster):
@@ -87,10 +88,17 @@ def test_micro_batch_times_accumulation_factorisations_agree(tmp_path, gsm8k_dir
         assert la[step] == pytest.approx(lb[step], rel=1e-5), step
 
 
-def test_wandb_offline_writes_its_files_and_never_blocks(tmp_path, gsm8k_dir, ray_cluster, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    summary = run_tiny(tmp_path, gsm8k_dir, "wb", "lora", "logger=wandb", "eval.enabled=false", "run.export=false",
-                  "trainer.max_steps=2")
+@pytest.fixture(scope="module")
+def checkpointed_wandb_run(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict:
+    """The DDP LoRA parity run with activation checkpointing on and W&B logging offline (neither changes the math)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        return run_tiny(tmp_path_factory.mktemp("gc-wandb"), gsm8k_dir, "gc-wandb", "lora", *PARITY,
+                        "trainer.gradient_checkpointing=true", "logger=wandb")
+
+
+def test_wandb_offline_writes_its_files_and_never_blocks(checkpointed_wandb_run):
+    summary = checkpointed_wandb_run
     assert summary["status"] == "completed", summary["error"]
     offline = list((Path(summary["run_dir"]) / "wandb").glob("offline-run-*"))
     assert offline, "no W&B offline run directory"
@@ -100,9 +108,6 @@ def test_wandb_offline_writes_its_files_and_never_blocks(tmp_path, gsm8k_dir, ra
     assert b"plan/train/measured_peak_bytes" in records and b"plan/train/predicted_peak_bytes" in records
 
 
-def test_gradient_checkpointing_does_not_change_the_math(tmp_path, gsm8k_dir, ray_cluster):
-    common = ("eval.enabled=false", "run.export=false", "trainer.max_steps=4")
-    plain = run_tiny(tmp_path, gsm8k_dir, "gc-off", "lora", *common)
-    checkpointed = run_tiny(tmp_path, gsm8k_dir, "gc-on", "lora", "trainer.gradient_checkpointing=true", *common)
-    assert plain["status"] == checkpointed["status"] == "completed", checkpointed["error"]
-    assert_curves_close(curve(checkpointed["run_dir"]), curve(plain["run_dir"]), rel=1e-6)
+def test_gradient_checkpointing_does_not_change_the_math(checkpointed_wandb_run, ddp_parity_curves):
+    assert checkpointed_wandb_run["status"] == "completed", checkpointed_wandb_run["error"]
+    assert_curves_close(curve(checkpointed_wandb_run["run_dir"]), ddp_parity_curves["lora"], rel=1e-6)

@@ -81,6 +81,7 @@ def test_progress_says_start_at_most_one_line_per_interval_and_done(caplog, monk
     assert lines[0] == "evaluation: eval loss: 10 batches"
     assert lines[1] == "evaluation: eval loss: 3/10 batches (30%), 30 s, about 1 min 10 s left"
     assert len(lines) == 5 and lines[-1] == "evaluation: eval loss: done in 1 min 40 s"
+    assert progress.plural("batches", 1) == "batch" and progress.plural("prompts", 1) == "prompt"
 
 
 def test_the_end_of_a_run_is_a_short_before_after_table():
