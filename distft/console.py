@@ -86,3 +86,40 @@ def show_progress() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+# Lines Ray prints from its own processes on every run, with nothing for a user to do.
+HARMLESS_FORWARDED = (
+    # Ray Train's PreemptionWatcher actor, from the controller's core worker (ray-project/ray#53727)
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def drop_forwarded_noise() -> None:
+    """On the driver, after ray.init: the worker output Ray prints here leaves out HARMLESS_FORWARDED lines.
+    (Ray's private dispatcher of forwarded output; if it is not there, nothing changes.)"""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [(name, _without_noise(handle) if name == "ray_print_logs" else handle)
+                                   for name, handle in dispatcher.handlers]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return
+
+
+def _without_noise(handle):
+    if getattr(handle, "drops_noise", False):
+        return handle
+
+    def filtered(data):
+        lines = data.get("lines")
+        if lines:
+            kept = [line for line in lines if not any(noise in line for noise in HARMLESS_FORWARDED)]
+            if not kept:
+                return
+            data = {**data, "lines": kept}
+        handle(data)
+
+    filtered.drops_noise = True
+    return filtered

@@ -245,10 +245,12 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
         hook = {} if "worker_process_setup_hook" in job_env else \
             {"runtime_env": {"worker_process_setup_hook": "distft.launch.setup_cluster_workers"}}
         ray.init(address=address, log_to_driver=True, **hook)
+        console.drop_forwarded_noise()
         return
     console.quiet_local_driver()
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
+    console.drop_forwarded_noise()
     _STARTED_LOCAL.append(True)
 
 

@@ -121,3 +121,21 @@ def test_a_stopped_run_says_what_a_rerun_does():
         "stopped (SIGTERM received by the driver) after a checkpoint; rerun the same command to resume"
     assert "during export; the checkpoint of step 8 is kept" in stopped_message({**base, "steps": 8,
                                                                                  "stopped_phase": "export"})
+
+
+def test_the_driver_drops_rays_known_harmless_forwarded_lines_and_keeps_the_rest():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed, saved = [], list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", printed.append)]
+    try:
+        console.drop_forwarded_noise()
+        console.drop_forwarded_noise()  # idempotent: one filter, not two
+        noise = ("[2026-12-03 13:25:33,874 E 7774 7853] core_worker.cc:2465: Actor with class name: "
+                 "'PreemptionWatcher' and ID: '01a9' has constructor arguments in the object store and "
+                 "max_restarts > 0. If the arguments ...")
+        dispatcher.emit({"lines": [noise], "pid": 1, "is_err": True})
+        dispatcher.emit({"lines": [noise, "Traceback (most recent call last):"], "pid": 2, "is_err": True})
+    finally:
+        dispatcher.handlers = saved
+    assert printed == [{"lines": ["Traceback (most recent call last):"], "pid": 2, "is_err": True}]
