@@ -146,8 +146,7 @@ def test_export_reloads_with_plain_transformers_and_peft(strategy, method, tmp_p
         assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained, not the zero init
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("zero1", marks=NIGHTLY), "zero3_offload",
-                                      pytest.param("fsdp_offload", marks=NIGHTLY)])
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=NIGHTLY) for s in ("zero1", "zero3_offload", "fsdp_offload")])
 def test_qlora_export_round_trips_under_the_other_strategies(strategy, tmp_path, gsm8k_dir, ray_cluster):
     """QLoRA under the strategies the export test above and the FSDP tests leave out: trains, exports a non-empty
     adapter, and the adapter on the 4-bit base reproduces the trained logits."""
