@@ -168,7 +168,7 @@ def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> Non
     same model and batch layout are checked once. Then every arm's plan (distft.plan.check_plan): one error names
     each arm the plan says does not fit (plan.enforce=false runs them anyway). The arm's own launch plans again,
     which then passes."""
-    seen, model_dirs = set(), {}
+    seen = set()
     for name, arm_cfg in arms.items():
         t = arm_cfg.trainer
         key = (OmegaConf.to_yaml(OmegaConf.masked_copy(arm_cfg, ["model", "data", "eval", "scaling"]), resolve=True),
@@ -179,18 +179,14 @@ def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> Non
         try:
             check_storage(arm_cfg.run.storage_path)
             model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
-            model_dirs[OmegaConf.to_yaml(arm_cfg.model, resolve=True)] = model_dir
             for note in check_inputs(arm_cfg, model_dir, joins_cluster=joins_cluster):
                 print(f"distft: note: compare.arms.{name}: {note}", file=sys.stderr)
         except UserError as e:
             raise UserError(f"compare.arms.{name}: {e}") from None
     refused = []
     for name, arm_cfg in arms.items():
-        model_dir = model_dirs.get(OmegaConf.to_yaml(arm_cfg.model, resolve=True))
-        try:
-            if model_dir is None:
-                model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
-            check_plan(arm_cfg, model_dir)  # plan.enforce=false: the arm's launch warns
+        try:  # the model directory is prepared by now (once per machine): resolving it again is a lookup
+            check_plan(arm_cfg, resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True)))  # plan.enforce=false: the arm's launch warns
         except PlanRefused as e:
             refused.append(f"compare.arms.{name}: {e}")
         except Exception:  # noqa: BLE001, S110 - a planner failure never stops a run; the arm's launch warns

@@ -27,14 +27,19 @@ def compose(overrides: list[str]):
         raise UserError(f"cannot compose the config: {e}") from e
 
 
+def prepared_embedded(marker: str) -> str | None:
+    """The embedded model's prepared directory, if it holds `marker` already (nothing is prepared here)."""
+    from distft.model import EMBEDDED_NAME, cache_dir
+
+    d = cache_dir() / "models" / EMBEDDED_NAME
+    return str(d) if (d / marker).exists() else None
+
+
 def local_model_dir(cfg) -> str | None:
     """A directory with this model's config.json if one exists here already (nothing is prepared). None for a
     random-init model: its shape is the one in `model.*`."""
-    from distft.model import EMBEDDED_NAME, cache_dir
-
     if cfg.model.source == "embedded":
-        d = cache_dir() / "models" / EMBEDDED_NAME
-        return str(d) if (d / "config.json").exists() else None
+        return prepared_embedded("config.json")
     if cfg.model.source == "random":
         return None
     path = cfg.model.get("path")
@@ -43,12 +48,9 @@ def local_model_dir(cfg) -> str | None:
 
 def local_tokenizer_dir(cfg) -> str | None:
     """A directory with this model's tokenizer if one exists here already (for counting the epoch's tokens)."""
-    from distft.model import EMBEDDED_NAME, cache_dir
-
     if cfg.model.source == "random":
         if cfg.model.tokenizer in (None, "embedded"):
-            d = cache_dir() / "models" / EMBEDDED_NAME
-            return str(d) if (d / "tokenizer_config.json").exists() else None
+            return prepared_embedded("tokenizer_config.json")
         return cfg.model.tokenizer if Path(cfg.model.tokenizer).is_dir() else None
     return local_model_dir(cfg)
 
