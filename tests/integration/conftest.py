@@ -14,6 +14,9 @@ EXPERIMENT = {"full": "gsm8k_full", "lora": "gsm8k_lora", "qlora": "gsm8k_qlora"
 TEST_LR = {"full": 3e-3, "lora": 3e-2, "qlora": 3e-2}
 # Parity runs: 10 fp32 steps, no eval or export, so only the optimisation path is compared.
 PARITY = ("trainer.max_steps=10", "eval.enabled=false", "run.export=false", "trainer.checkpoint_every=100")
+NO_EVAL = ("eval.enabled=false", "run.export=false")
+# Gradient accumulation runs: 1 row x 4 micro-batches x 2 workers per step.
+ACCUM = ("trainer.global_batch_size=8", "trainer.max_steps=4", *NO_EVAL)
 
 
 def run_tiny(tmp_path: Path, gsm8k_dir: Path, name: str, method: str = "lora", *overrides: str) -> dict:
@@ -53,6 +56,16 @@ def ddp_parity_curves(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[str, dic
         assert summary["status"] == "completed", summary["error"]
         out[method] = curve(summary["run_dir"])
     return out
+
+
+@pytest.fixture(scope="session")
+def ddp_accum_curve(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[int, float]:
+    """DDP full fine-tuning with 4 micro-batches of 1 row per step: the curve accumulation elsewhere must match."""
+    summary = run_tiny(tmp_path_factory.mktemp("ddp-accum"), gsm8k_dir, "ddp-accum", "full", "strategy=ddp", *ACCUM,
+                       "trainer.micro_batch_size=1")
+    assert summary["status"] == "completed", summary["error"]
+    assert summary["grad_accum"] == 4
+    return curve(summary["run_dir"])
 
 
 def reload_export_and_compare(run_dir: Path, export: Path, method: str, atol: float):

@@ -26,15 +26,24 @@ def fsdp_curves(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict[str, dict[int,
     root = tmp_path_factory.mktemp("fsdp-parity")
     out = {}
     for method in ("full", "lora"):
-        summary = run_tiny(root, gsm8k_dir, f"fsdp-{method}", method, "strategy=fsdp", *PARITY)
+        export = ("run.export=true",) if method == "full" else ()  # full's export is checked by the parity test
+        summary = run_tiny(root, gsm8k_dir, f"fsdp-{method}", method, "strategy=fsdp", *PARITY, *export)
         assert summary["status"] == "completed", summary["error"]
         out[method] = curve(summary["run_dir"])
+        out[f"{method}-summary"] = summary
     return out
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fsdp_loss_curve_equals_ddp(method, fsdp_curves, ddp_parity_curves):
     assert_curves_close(fsdp_curves[method], ddp_parity_curves[method], rel=1e-4)
+    if method == "full":  # a plain HF directory that reloads with transformers alone
+        summary = fsdp_curves["full-summary"]
+        run_dir, export = Path(summary["run_dir"]), Path(summary["export_dir"])
+        assert summary["export_check"]["ok"] and not (export / "adapter_config.json").exists()
+        assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        model, _ = reload_export_and_compare(run_dir, export, method, atol=1e-4)
+        assert sum(p.numel() for p in model.parameters()) == summary["total_params"]
 
 
 # LoRA under offload is nightly (`make test-nightly`): LoRA under FSDP and full under offload stay in CI.
@@ -70,13 +79,14 @@ def test_fsdp_worker_killed_mid_run_resumes_to_the_identical_loss_curve(method, 
         assert (ckpt / "scheduler.pt").exists()
 
 
+# Full fine-tuning's FSDP export is checked on its parity run (test_fsdp_loss_curve_equals_ddp); here the adapters,
+# with evaluation (generation under FSDP) before and after training.
 @pytest.mark.parametrize("method,overrides", [
-    ("full", ()),
     ("lora", ()),
     pytest.param("qlora", ("method.quant_storage=fp32",), marks=pytest.mark.nightly),  # 4-bit weights stored in
     # the compute dtype; the default uint8 storage below stays in CI
     ("qlora", ()),  # default uint8 storage: FSDP2 shards it too (integer weights are never cast)
-], ids=["full", "lora", "qlora-fp32-storage", "qlora-uint8-storage"])
+], ids=["lora", "qlora-fp32-storage", "qlora-uint8-storage"])
 def test_fsdp_trains_evaluates_and_exports_a_plain_hf_directory(method, overrides, tmp_path, gsm8k_dir, ray_cluster):
     # run_tiny evaluates (loss + 4 GSM8K generations) before and after training, then exports and verifies
     summary = run_tiny(tmp_path, gsm8k_dir, f"export-{method}", method, "strategy=fsdp", *overrides)
@@ -89,19 +99,14 @@ def test_fsdp_trains_evaluates_and_exports_a_plain_hf_directory(method, override
     assert on_disk["eval"]["eval_loss"] < on_disk["eval_start"]["eval_loss"] - 0.05
 
     export = Path(on_disk["export_dir"])
-    model, _ = reload_export_and_compare(run_dir, export, method, atol=1e-3 if method == "qlora" else 1e-4)
-    if method == "full":
-        assert not (export / "adapter_config.json").exists()
-        assert json.loads((export / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-        assert sum(p.numel() for p in model.parameters()) == on_disk["total_params"]
-    else:
-        from safetensors.torch import load_file
+    reload_export_and_compare(run_dir, export, method, atol=1e-3 if method == "qlora" else 1e-4)
+    from safetensors.torch import load_file
 
-        adapter = load_file(export / "adapter_model.safetensors")
-        assert len(adapter) == TINY_LAYERS * len(LORA_MODULES) * 2  # lora_A and lora_B of every linear layer
-        assert all(t.numel() > 0 for t in adapter.values())  # real gathered weights, not empty shards
-        assert sum(t.numel() for t in adapter.values()) == on_disk["trainable_params"]
-        assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained (B starts at zero)
+    adapter = load_file(export / "adapter_model.safetensors")
+    assert len(adapter) == TINY_LAYERS * len(LORA_MODULES) * 2  # lora_A and lora_B of every linear layer
+    assert all(t.numel() > 0 for t in adapter.values())  # real gathered weights, not empty shards
+    assert sum(t.numel() for t in adapter.values()) == on_disk["trainable_params"]
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained (B starts at zero)
 
 
 def test_fsdp_generation_with_a_different_number_of_generate_calls_per_rank_completes(tmp_path, gsm8k_dir,
