@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 
 from distft import dist, loop, settings
 from distft.checkpoint import Checkpointer
-from distft.data import ShardedBatches, build_rows, load_examples
+from distft.data import ShardedBatches, build_rows, load_examples, with_fewshot
 from distft.data import steps_per_epoch as data_steps_per_epoch
 from distft.eval.evaluate import evaluate
+from distft.eval.tasks import get_task
 from distft.export import export_and_verify
 from distft.faults import Faults
 from distft.methods import apply_method, quantization_config
@@ -105,7 +106,7 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
     stop.check("loading")
     tracker = build_tracker(cfg, ctx, resume_step=step)
     evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template, stop)
-    eval_start = evaluate_at_start(cfg, ctx, hooks, evaluate_now, memory) if step == 0 else None
+    eval_start = evaluate_at_start(cfg, ctx, hooks, evaluate_now, memory, tracker) if step == 0 else None
     trained = loop.train(strategy, data.batches, step=step, max_steps=data.max_steps, grad_accum=run.grad_accum,
                          max_grad_norm=cfg.trainer.max_grad_norm, world=ctx.world, device=ctx.device,
                          tracker=tracker, checkpointer=checkpointer, faults=Faults(ctx.rank, ctx.run_dir),
@@ -122,12 +123,15 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
     eval_end = None
     if cfg.eval.enabled:
         memory.switch("eval")
-        eval_end = evaluate_now(label="evaluation after training")
+        eval_end = record_eval(ctx, tracker, evaluate_now(label="evaluation after training"), name="eval",
+                               step=trained.step)
     export_check = export(cfg, ctx, strategy, tokenizer, run, probe_row=data.rows[0], memory=memory, stop=stop)
     result = train_result(ctx, run, data, trained, memory, params, eval_start=eval_start, eval_end=eval_end,
                           export_check=export_check, exported=cfg.run.export)
-    write_result(ctx, hooks, result, "train_result.json", "metrics.jsonl", "eval_start.json", "export_probe.pt",
-                 "export")
+    write_result(ctx, hooks, result, "train_result.json", "metrics.jsonl", "eval_start.json",
+                 "eval_start_predictions.jsonl", "eval_predictions.jsonl", "export_probe.pt", "export")
+    if cfg.run.export:
+        tracker.log_artifact(ctx.run_dir / "export", name=f"{cfg.run.name}-export", kind="model")
     tracker.finish(summary_for_wandb(eval_end, ctx.plan, result))
     return result
 
@@ -242,37 +246,62 @@ def build_tracker(cfg, ctx: WorkerContext, *, resume_step: int) -> RunTracker:
         return RunTracker()
     wandb = None
     if cfg.logger.name == "wandb":
-        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                            tags=list(cfg.logger.tags), mode=cfg.logger.mode, run_name=cfg.run.name,
-                            run_dir=ctx.run_dir, config=OmegaConf.to_container(cfg),
-                            resume=ctx.resume_dir is not None)
+        group = cfg.logger.group  # a compare's or sweep's name: its arms are `<group>/<arm>`, job type = arm
+        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=group,
+                            tags=list(cfg.logger.tags), mode=cfg.logger.mode,
+                            run_name=f"{group}/{cfg.run.name}" if group else cfg.run.name,
+                            job_type=cfg.run.name if group else None, run_dir=ctx.run_dir,
+                            config=OmegaConf.to_container(cfg), resume=ctx.resume_dir is not None)
     return RunTracker(MetricsFile(ctx.run_dir / "metrics.jsonl", resume_step=resume_step), wandb,
                       log_every=cfg.trainer.log_every, progress_bar=cfg.trainer.progress_bar)
 
 
 def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, template: str,
                     stop: StopCheck) -> Callable[..., dict]:
-    """A call that evaluates the model as it is now on the test split (loaded once, here)."""
+    """A call that evaluates the model as it is now on the test split (loaded once, here): eval loss on the first
+    eval.loss_examples, the task's metric (distft.eval.tasks) on the first eval.gsm8k_examples, prompted with
+    eval.fewshot solved train examples when set."""
     e, d = cfg.eval, cfg.data
-    limits = [e.loss_examples, e.gsm8k_examples]
-    limit = None if any(x is None for x in limits) else max(limits)
+    task = get_task(d.name)
+    scored_n = e.gsm8k_examples if task is not None else 0
+    limit = None if e.loss_examples is None or scored_n is None else max(e.loss_examples, scored_n)
     examples = load_examples(d.name, d.path, "test", hub_id=d.hub_id, limit=limit,
                              system_prompt=d.system_prompt) if e.enabled else []
-    return partial(evaluate, strategy, tokenizer, examples, template=template, seq_len=d.seq_len,
-                   packing=d.packing, micro_batch_size=cfg.trainer.micro_batch_size, loss_examples=e.loss_examples,
-                   gsm8k_examples=e.gsm8k_examples if d.name == "gsm8k" else 0, max_new_tokens=e.max_new_tokens,
+    scored = examples[:scored_n]
+    if e.fewshot and scored:
+        train = load_examples(d.name, d.path, "train", hub_id=d.hub_id, system_prompt=d.system_prompt)
+        scored = with_fewshot(scored, train, e.fewshot, e.fewshot_seed)
+    return partial(evaluate, strategy, tokenizer, losses=examples[:e.loss_examples], scored=scored, task=task,
+                   template=template, seq_len=d.seq_len, packing=d.packing,
+                   micro_batch_size=cfg.trainer.micro_batch_size, max_new_tokens=e.max_new_tokens,
                    batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device, stop=stop)
 
 
-def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, memory: dist.PhasePeaks) -> dict | None:
-    """The base model's evaluation before the first step (eval.at_start), written to eval_start.json."""
+def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, memory: dist.PhasePeaks,
+                      tracker: RunTracker) -> dict | None:
+    """The base model's evaluation before the first step (eval.at_start), written to eval_start.json and its
+    outputs to eval_start_predictions.jsonl."""
     if not (cfg.eval.enabled and cfg.eval.at_start):
         return None
     with memory.during("eval"):
         result = evaluate_now(label="evaluation before training")
+    result = record_eval(ctx, tracker, result, name="eval_start", step=0)
     if ctx.rank == 0:
         write_json(ctx.run_dir / "eval_start.json", result)
-        hooks.upload("eval_start.json")
+        hooks.upload("eval_start.json", "eval_start_predictions.jsonl")
+    return result
+
+
+def record_eval(ctx: WorkerContext, tracker: RunTracker, result: dict, *, name: str, step: int) -> dict:
+    """Rank 0 writes the outputs to <name>_predictions.jsonl and logs the numbers (W&B `eval/*` at `step`); the
+    result, without the outputs, goes on to summary.json."""
+    result = dict(result)
+    rows = result.pop("predictions", None)
+    if ctx.rank == 0 and rows is not None:
+        write_jsonl(ctx.run_dir / f"{name}_predictions.jsonl", rows)
+    tracker.log_eval(result, step=step, prefix=name)
+    if rows is not None:
+        tracker.log_samples(rows, key=f"{name}/samples")
     return result
 
 
@@ -352,6 +381,12 @@ def write_result(ctx: WorkerContext, hooks: RunHooks, result: dict, *uploads: st
         write_json(ctx.run_dir / "train_result.json", result)
         hooks.upload(*uploads)
     return result
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj) -> None:

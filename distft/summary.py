@@ -76,7 +76,6 @@ def write_failed_summary(storage: RunStorage, error: str) -> None:
 def outcome_table(summary: dict) -> str:
     """What the console shows when a run ends: the training in one line, evaluation before/after with the number of
     examples behind each figure, where the export and summary.json are (summary.json has everything)."""
-    from distft.eval.gsm8k import wilson_interval
     from distft.progress import duration
 
     losses = f", train loss {summary['train_loss_first']:.4f} → {summary['train_loss_last']:.4f}" \
@@ -92,15 +91,7 @@ def outcome_table(summary: dict) -> str:
             lines.append(f"  {'eval loss':<20}{_cell(before.get('eval_loss'), '.4f')}"
                          f"{_cell(after.get('eval_loss'), '.4f')}   ({n} examples)")
         if "num_examples" in before or "num_examples" in after:
-            n = after.get("num_examples", before.get("num_examples"))
-            lines.append(f"  {'GSM8K format rate':<20}{_cell(before.get('gsm8k_format_rate'), '.1%')}"
-                         f"{_cell(after.get('gsm8k_format_rate'), '.1%')}   ({n} examples)")
-            ci = ""
-            if "gsm8k_correct" in after:
-                low, high = wilson_interval(after["gsm8k_correct"], after["num_examples"])
-                ci = f"; after: 95% CI {low:.1%}–{high:.1%}"
-            lines.append(f"  {'GSM8K accuracy':<20}{_cell(before.get('gsm8k_accuracy'), '.1%')}"
-                         f"{_cell(after.get('gsm8k_accuracy'), '.1%')}   ({n} examples{ci})")
+            lines += _metric_lines(before, after)
     check = summary.get("export_check") or {}
     if summary.get("export_dir"):
         verified = f" (reloaded and checked: max |logit diff| {check['max_abs_logit_diff']:.2g})" \
@@ -108,6 +99,34 @@ def outcome_table(summary: dict) -> str:
         lines.append(f"  export: {summary['export_dir']}{verified}")
     lines.append(f"  summary: {summary['run_dir']}/summary.json")
     return "\n".join(lines)
+
+
+# Generation metrics as the console names them, headline first within each task (distft.eval.tasks).
+METRIC_LABELS = {
+    "gsm8k_format_rate": "GSM8K format rate", "gsm8k_accuracy": "GSM8K accuracy",
+    "gsm8k_strict_match": "lm-eval strict", "gsm8k_flexible_extract": "lm-eval flexible",
+    "sql_exact_match": "SQL exact match", "sql_execution_match": "SQL execution",
+    "viggo_exact_match": "ViGGO exact match", "viggo_function_match": "ViGGO function",
+}
+
+
+def _metric_lines(before: dict, after: dict) -> list[str]:
+    """One line per generation metric either evaluation has; the headline metric with its 95% interval."""
+    from distft.eval.gsm8k import wilson_interval
+
+    n = after.get("num_examples", before.get("num_examples"))
+    headline = after.get("metric") or before.get("metric") or "gsm8k_accuracy"
+    lines = []
+    for key, label in METRIC_LABELS.items():
+        if key not in before and key not in after:
+            continue
+        note = f"({n} examples"
+        correct = after.get("correct", after.get("gsm8k_correct"))
+        if key == headline and correct is not None:
+            low, high = wilson_interval(correct, after["num_examples"])
+            note += f"; after: 95% CI {low:.1%}–{high:.1%}"
+        lines.append(f"  {label:<20}{_cell(before.get(key), '.1%')}{_cell(after.get(key), '.1%')}   {note})")
+    return lines
 
 
 def _cell(value: float | None, spec: str) -> str:

@@ -62,6 +62,22 @@ class RunTracker:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
 
+    def log_eval(self, result: dict, *, step: int, prefix: str = "eval") -> None:
+        """An evaluation's numbers as W&B history `<prefix>/<key>` at `step` (0 for the base model's)."""
+        if self.wandb:
+            numbers = {f"{prefix}/{k}": v for k, v in result.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log(numbers, step=step)
+
+    def log_samples(self, rows: list[dict], *, key: str = "eval/samples") -> None:
+        """Every scored question's output as a W&B table."""
+        if self.wandb and rows:
+            self.wandb.table(key, rows)
+
+    def log_artifact(self, path: Path, *, name: str, kind: str) -> None:
+        if self.wandb:
+            self.wandb.artifact(path, name=name, kind=kind)
+
     def stop(self) -> None:
         if self.bar:
             self.bar.close()
@@ -77,7 +93,7 @@ class WandbLogger:
     """Thin wrapper that turns every W&B failure into a warning: tracking must never stop training."""
 
     def __init__(self, *, project: str, entity: str | None, group: str | None, tags: list[str], mode: str | None,
-                 run_name: str, run_dir: Path, config: dict, resume: bool):
+                 run_name: str, run_dir: Path, config: dict, resume: bool, job_type: str | None = None):
         self.run = None
         try:
             import wandb
@@ -86,6 +102,7 @@ class WandbLogger:
                 project=project,
                 entity=entity,
                 group=group,
+                job_type=job_type,
                 tags=list(tags),
                 mode=mode,
                 name=run_name,
@@ -105,6 +122,33 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             log.warning("W&B log failed, disabling W&B: %s", e)
             self.run = None
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B table failed: %s", e)
+
+    def artifact(self, path: Path, *, name: str, kind: str) -> None:
+        """A directory as a W&B artifact by reference (its files stay where they are: a 7B export is not uploaded
+        again), for storage URIs and local paths alike."""
+        if self.run is None:
+            return
+        try:
+            import re
+
+            import wandb
+
+            artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "-", name), type=kind)
+            artifact.add_reference(str(path) if "://" in str(path) else Path(path).resolve().as_uri())
+            self.run.log_artifact(artifact)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B artifact failed: %s", e)
 
     def summary(self, values: dict) -> None:
         if self.run is None:

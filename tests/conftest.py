@@ -38,6 +38,47 @@ def data_dir(tmp_path) -> Path:
     return tmp_path
 
 
+def sql_rows(n: int, start: int = 0) -> list[dict]:
+    """Rows in b-mc2/sql-create-context's schema (question, context = CREATE TABLE, answer), varied and valid."""
+    tables = [("head", "age INTEGER, name VARCHAR"), ("department", "budget INTEGER, dept_name VARCHAR"),
+              ("player", "points INTEGER, team VARCHAR")]
+    rows = []
+    for i in range(start, start + n):
+        table, columns = tables[i % len(tables)]
+        number, text = columns.split(", ")[0].split()[0], columns.split(", ")[1].split()[0]
+        rows.append({"question": f"How many {table}s have {number} above {10 + i}?",
+                     "context": f"CREATE TABLE {table} ({columns})",
+                     "answer": f"SELECT COUNT(*) FROM {table} WHERE {number} > {10 + i}"} if i % 2 else
+                    {"question": f"What is the {text} of the {table} with {number} {i}?",
+                     "context": f"CREATE TABLE {table} ({columns})",
+                     "answer": f'SELECT {text} FROM {table} WHERE {number} = {i}'})
+    return rows
+
+
+def viggo_rows(n: int, start: int = 0) -> list[dict]:
+    """Rows in GEM/viggo's schema: a meaning representation and the sentence it was written as."""
+    games = ["Tomb Raider", "Portal 2", "Dirt: Showdown", "Little Big Adventure", "Halo", "Spore"]
+    functions = ["inform", "request", "give_opinion", "confirm"]
+    rows = []
+    for i in range(start, start + n):
+        name, function, year = games[i % len(games)], functions[i % len(functions)], 1990 + i
+        rows.append({"gem_id": f"viggo-{i}", "meaning_representation":
+                     f"{function}(name[{name}], release_year[{year}], genres[action, adventure])",
+                     "target": f"{name} is an action-adventure game released in {year}.",
+                     "references": [f"{name} is an action-adventure game released in {year}."]})
+    return rows
+
+
+def write_task_dir(directory: Path, rows, *, train: int = 24, test: int = 8) -> Path:
+    """train.jsonl and test.jsonl from a row builder (sql_rows or viggo_rows); returns the directory."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n, start in (("train", train, 0), ("test", test, train)):
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n, start)))
+    return directory
+
+
 def embedded_gguf_dir() -> Path:
     """The directory of the embedded SmolLM2 GGUF, found without importing its package (whose __init__ needs the
     `llm` CLI); skips the test where it is not installed."""

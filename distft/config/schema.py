@@ -74,7 +74,7 @@ class StrategyConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    name: str = "gsm8k"  # gsm8k | jsonl
+    name: str = "gsm8k"  # gsm8k | sql | viggo | jsonl
     path: Optional[str] = None  # directory with train.jsonl/test.jsonl; None: download `hub_id` (online only)
     hub_id: str = "openai/gsm8k"
     template: str = "auto"  # auto (chat template when the tokenizer has one) | chat | plain
@@ -139,12 +139,15 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: loss on answer tokens and GSM8K accuracy by greedy generation."""
+    """Held-out evaluation: loss on answer tokens and the task's metric (GSM8K accuracy, SQL or ViGGO exact match:
+    distft.eval.tasks) by greedy generation."""
 
     enabled: bool = True
     at_start: bool = False  # also evaluate the base model before training
     loss_examples: Optional[int] = 200  # None: the whole test split
-    gsm8k_examples: Optional[int] = 200  # None: all 1,319
+    gsm8k_examples: Optional[int] = 200  # questions scored by generation, for every task (None: the whole test split)
+    fewshot: int = 0  # solved train examples before each scored question (lm-eval's n-shot); 0: zero-shot
+    fewshot_seed: int = 1234  # which exemplars (lm-eval's default fewshot seed)
     max_new_tokens: int = 256
     batch_size: int = 16
 
@@ -200,6 +203,10 @@ class CompareConfig:
     final_eval: bool = False
     final_eval_examples: Optional[int] = None
     final_eval_workers: Optional[int] = None
+    # Run every arm once per seed (run <arm>-seed<k> with trainer.seed=k); the report shows mean ± std per arm and
+    # pairs runs of the same seed in its paired tests. None: one run per arm with trainer.seed.
+    seeds: Optional[List[int]] = None
+    samples: int = 5  # test questions whose answers (base model and every arm) the report shows side by side
 
 
 @dataclass

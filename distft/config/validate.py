@@ -12,7 +12,7 @@ from distft.strategy import STRATEGIES, strategy_problems
 CHOICES = {
     "model.source": ("hub", "embedded", "random"),
     "method.name": METHODS,
-    "data.name": ("gsm8k", "jsonl"),
+    "data.name": ("gsm8k", "sql", "viggo", "jsonl"),
     "data.template": ("auto", "chat", "plain"),
     "hardware.accelerator": ("cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16"),
@@ -54,6 +54,11 @@ def validate_config(cfg, *, installed: bool = True) -> None:
         problems.append(batch)
     if t.lr is not None and t.lr <= 0:
         problems.append(f"trainer.lr={t.lr} must be positive")
+    if cfg.eval.fewshot < 0:
+        problems.append(f"eval.fewshot={cfg.eval.fewshot} must be 0 (zero-shot) or more solved examples")
+    elif cfg.eval.fewshot and cfg.data.name == "jsonl":
+        problems.append("eval.fewshot is set, but data.name=jsonl has no generation metric to prompt for "
+                        "(use data.name=gsm8k, sql or viggo, or eval.fewshot=0)")
 
     # model and method
     if cfg.model.source == "hub" and not cfg.model.path:

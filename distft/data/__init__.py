@@ -18,7 +18,7 @@ from distft.data.format import (
 )
 from distft.data.loader import ShardedBatches, collate
 from distft.data.packing import PackedRow, pack_examples, padding_stats, unpacked_rows
-from distft.data.sources import Example, load_examples
+from distft.data.sources import Example, load_examples, with_fewshot
 from distft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ __all__ = [
     "resolve_template",
     "steps_per_epoch",
     "unpacked_rows",
+    "with_fewshot",
 ]
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,13 @@ class Example:
         response: The assistant answer that is trained on (and scored in evaluation).
         origin: Where the example came from (``"path/file.jsonl:LINE"`` or ``"openai/gsm8k:train[i]"``),
             for error messages.
+        meta: Task data the scorer needs (``{"context": CREATE TABLE ...}`` for SQL).
     """
 
     messages: tuple[dict, ...]
     response: str
     origin: str
+    meta: dict | None = field(default=None, compare=False)  # what a task's scorer needs besides the answer (SQL schema)
 
 
 # A row parser turns one decoded JSON value into an Example, or returns a list of problems
@@ -68,7 +71,7 @@ def load_examples(
         DataError: The file is missing or malformed, or holds no examples.
         ConfigError: ``limit`` is not a positive integer.
     """
-    parsers: dict[str, RowParser] = {"gsm8k": _parse_gsm8k_row, "jsonl": _parse_jsonl_row}
+    parsers = PARSERS
     if name not in parsers:
         raise DataError(
             f"unknown dataset name {name!r}; valid names: {', '.join(sorted(parsers))} (set data.name)"
@@ -76,8 +79,8 @@ def load_examples(
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ConfigError([f"data.limit={limit!r}: must be a positive integer, or null for all examples"])
 
-    if name == "gsm8k" and path is None:
-        examples = _load_hub_gsm8k(hub_id, split)
+    if name in HUB and path is None:
+        examples = _load_hub(name, hub_id, split)
     else:
         file = _resolve_file(name, path, split)
         examples = _parse_records(_read_jsonl(file), parsers[name], where=str(file))
@@ -256,20 +259,94 @@ def _parse_messages(messages: Any, origin: str) -> Example | list[str]:
     return Example(messages=prompt, response=messages[-1]["content"], origin=origin)
 
 
-def _load_hub_gsm8k(hub_id: str, split: str) -> list[Example]:
-    """Download GSM8K from the Hub; explain how to use a local copy when offline."""
+def _parse_sql_row(row: Any, origin: str) -> Example | list[str]:
+    """b-mc2/sql-create-context row: ``{"question", "context" (CREATE TABLE ...), "answer" (the SQL)}``."""
+    if not isinstance(row, dict):
+        return _not_object(row)
+    problems: list[str] = []
+    question = _required_str(row, "question", problems)
+    context = _required_str(row, "context", problems)
+    answer = _required_str(row, "answer", problems)
+    if problems:
+        return problems
+    prompt = f"Schema:\n{context}\n\nQuestion: {question}\nAnswer with one SQL query."
+    return Example(messages=({"role": "user", "content": prompt},), response=answer, origin=origin,
+                   meta={"context": context})
+
+
+def _parse_viggo_row(row: Any, origin: str) -> Example | list[str]:
+    """GEM/viggo row: ``{"meaning_representation", "target" (the sentence), ...}``; the task writes the MR."""
+    if not isinstance(row, dict):
+        return _not_object(row)
+    problems: list[str] = []
+    mr = _required_str(row, "meaning_representation", problems)
+    target = _required_str(row, "target", problems)
+    if problems:
+        return problems
+    prompt = ("Give the meaning representation of this sentence about a video game, as function(attribute[value], "
+              f"...):\n{target}")
+    return Example(messages=({"role": "user", "content": prompt},), response=mr, origin=origin)
+
+
+PARSERS: dict[str, RowParser] = {"gsm8k": _parse_gsm8k_row, "sql": _parse_sql_row, "viggo": _parse_viggo_row,
+                                 "jsonl": _parse_jsonl_row}
+# Hub datasets: (config name, row schema in words for the offline hint)
+HUB = {"gsm8k": ("main", '{"question", "answer"}'), "sql": (None, '{"question", "context", "answer"}'),
+       "viggo": (None, '{"meaning_representation", "target"}')}
+SQL_TEST_ROWS = 1000  # b-mc2/sql-create-context has one split: the last rows of a seeded shuffle are held out
+
+
+def _load_hub(name: str, hub_id: str, split: str) -> list[Example]:
+    """Download a task's dataset from the Hub; explain how to use a local copy when offline. sql-create-context has
+    only a train split: `test` is a fixed held-out 1,000 rows (seeded shuffle), `train` the rest."""
+    config, schema = HUB[name]
     try:
         import datasets
 
-        ds = datasets.load_dataset(hub_id, "main", split=split)
+        if name == "sql":
+            ds = datasets.load_dataset(hub_id, split="train").shuffle(seed=0)
+            keep = range(len(ds) - SQL_TEST_ROWS, len(ds)) if split == "test" else range(len(ds) - SQL_TEST_ROWS)
+            ds = ds.select(keep)
+        else:
+            ds = datasets.load_dataset(hub_id, config, split=split) if config else \
+                datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # noqa: BLE001 - any failure here means "use a local copy"
         raise DataError(
             f"cannot load {hub_id} (split={split}) from the Hugging Face Hub ({type(e).__name__}: {e}). "
             f"The hub cannot be reached or the dataset is unavailable: set data.path=DIR to a directory "
-            f'with train.jsonl/test.jsonl (rows {{"question", "answer"}})'
+            f"with train.jsonl/test.jsonl (rows {schema})"
         ) from e
     records = ((f"{hub_id}:{split}[{i}]", row) for i, row in enumerate(ds))
-    return _parse_records(records, _parse_gsm8k_row, where=f"{hub_id}:{split}")
+    return _parse_records(records, PARSERS[name], where=f"{hub_id}:{split}")
+
+
+def with_fewshot(examples: list[Example], exemplars: list[Example], n: int, seed: int) -> list[Example]:
+    """Each example with `n` solved exemplars before its question, as earlier user/assistant turns (the plain
+    template then renders lm-eval's "Question: ...\nAnswer: ...\n\n" few-shot prompt). The exemplars are drawn per
+    example with one seeded generator, so the same inputs always give the same prompts; an exemplar is never the
+    example itself."""
+    if n <= 0:
+        return list(examples)
+    if len(exemplars) <= n:
+        raise DataError(f"eval.fewshot={n} needs more than {n} train examples; the train split has {len(exemplars)}")
+    rng = random.Random(seed)
+    out = []
+    for example in examples:
+        picked = []
+        for i in rng.sample(range(len(exemplars)), n + 1):
+            if len(picked) < n and exemplars[i].messages != example.messages:
+                picked.append(exemplars[i])
+        turns = [t for ex in picked for t in (*_without_system(ex.messages), {"role": "assistant",
+                                                                              "content": ex.response})]
+        system = [m for m in example.messages[:1] if m["role"] == "system"]
+        rest = example.messages[len(system):]
+        out.append(Example(messages=(*system, *turns, *rest), response=example.response, origin=example.origin,
+                           meta=example.meta))
+    return out
+
+
+def _without_system(messages: tuple[dict, ...]) -> tuple[dict, ...]:
+    return tuple(m for m in messages if m["role"] != "system")
 
 
 def _with_system_prompt(example: Example, system_prompt: str) -> Example:

@@ -1,4 +1,5 @@
-"""`python -m distft.eval EXPORT_DIR [--examples N] [--workers K] ...`: GSM8K test accuracy of an export.
+"""`python -m distft.eval EXPORT_DIR [--examples N] [--workers K] ...`: test accuracy of an export on its run's task
+(GSM8K, SQL or ViGGO: the run's data.name; GSM8K for an export outside a run directory).
 
 Greedy generation in batches, spread over K Ray actors (Ray Data `map_batches` with an actor pool); joins the cluster
 at --address / RAY_ADDRESS, else starts a local one. Writes a JSON result (accuracy, 95% Wilson interval, format rate,
@@ -17,13 +18,13 @@ from distft.errors import UserError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distft.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", type=Path, help="a run's export/ directory (full model or LoRA adapter)")
-    parser.add_argument("--examples", type=int, default=None, help="first N test questions (default: all 1,319)")
+    parser.add_argument("--examples", type=int, default=None, help="first N test questions (default: all)")
     parser.add_argument("--workers", type=int, default=1, help="generation actors (default 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget (default: the run's eval.max_new_tokens, else 256)")
     parser.add_argument("--data-path", default=None,
-                        help="directory with test.jsonl (default: the run's data.path, else $GSM8K_DIR / the hub)")
+                        help="directory with test.jsonl (default: the run's data.path, else the task's hub dataset)")
     parser.add_argument("--template", choices=("auto", "chat", "plain"), default=None,
                         help="prompt template (default: the run's data.template)")
     parser.add_argument("--cpus-per-worker", type=float, default=1)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="result JSON (default: <run dir>/eval_gsm8k.json beside the export, else ./eval_gsm8k.json)")
+                        help="result JSON (default: <run dir>/eval_<task>.json beside the export, else ./eval_<task>.json)")
     args = parser.parse_args(argv)
 
     from distft.eval.export_eval import default_output, evaluate_export, export_kind, write_result
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = args.output or default_output(args.export_dir)
     write_result(result, output)
-    headline = {k: result[k] for k in ("gsm8k_accuracy", "gsm8k_ci95", "gsm8k_format_rate", "num_examples",
-                                       "seconds")}
+    headline = {k: result[k] for k in ("task", "metric", "accuracy", "ci95", "num_examples", "seconds")}
     print(json.dumps(headline | {"output": str(output)}, indent=2))
     return 0
 

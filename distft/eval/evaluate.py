@@ -1,26 +1,33 @@
-"""Evaluation inside a training run: eval loss on answer tokens and (GSM8K) greedy-decoding accuracy, with every rank
-on a disjoint shard of the test split."""
+"""Evaluation inside a training run: eval loss on answer tokens and the task's generation metric (GSM8K, SQL,
+ViGGO: `distft.eval.tasks`) by greedy decoding, with every rank on a disjoint shard of the test split."""
 
 import math
 
 import torch
 
 from distft import dist
-from distft.data import ShardedBatches, encode_examples, format_prompt, pack_examples, unpacked_rows
+from distft.data import (
+    ShardedBatches,
+    encode_examples,
+    format_prompt,
+    pack_examples,
+    resolve_template,
+    unpacked_rows,
+)
 from distft.eval.generate import greedy_generate
-from distft.eval.gsm8k import gold_answer, score
 from distft.loss import causal_lm_loss_sum, model_inputs
 from distft.progress import Progress
 from distft.stop import NO_STOP, StopCheck
 
+SAMPLES = 3  # generations kept in the result itself (summary.json); every one goes to the predictions file
+
 
 @torch.no_grad()
-def evaluate(strategy, tokenizer, examples, *, template: str, seq_len: int, packing: bool, micro_batch_size: int,
-             loss_examples: int | None, gsm8k_examples: int | None, max_new_tokens: int, batch_size: int,
-             rank: int, world: int, device: torch.device, stop: StopCheck = NO_STOP,
-             label: str = "evaluation") -> dict:
-    """Eval loss over the first `loss_examples` examples and GSM8K accuracy over the first `gsm8k_examples` (None:
-    all of them; 0: no generation).
+def evaluate(strategy, tokenizer, *, losses, scored, task, template: str, seq_len: int, packing: bool,
+             micro_batch_size: int, max_new_tokens: int, batch_size: int, rank: int, world: int,
+             device: torch.device, stop: StopCheck = NO_STOP, label: str = "evaluation") -> dict:
+    """Eval loss over the examples `losses` and the task's metric over `scored` (greedy generation; none when
+    `task` is None or `scored` is empty). The result's "predictions" holds every scored question's output.
 
     Every rank runs the same number of loss batches (shards are padded), so sharded models can run their
     collectives, and the ranks agree after each one whether to stop (`stop`: raises StopRequested). Generation runs
@@ -31,14 +38,13 @@ def evaluate(strategy, tokenizer, examples, *, template: str, seq_len: int, pack
     was_training = model.training
     model.eval()
     try:
-        losses = examples[:loss_examples] if loss_examples is not None else examples
         out = eval_loss(strategy, tokenizer, losses, template=template, seq_len=seq_len, packing=packing,
                         micro_batch_size=micro_batch_size, rank=rank, world=world, device=device, stop=stop,
                         label=label)
-        if gsm8k_examples != 0:
-            scored = examples[:gsm8k_examples] if gsm8k_examples is not None else examples
-            out.update(gsm8k_accuracy(strategy, tokenizer, scored, template=template, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, rank=rank, world=world, stop=stop, label=label))
+        if task is not None and scored:
+            out.update(task_accuracy(strategy, tokenizer, scored, task=task, template=template,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, rank=rank, world=world,
+                                     stop=stop, label=label))
     finally:
         model.train(was_training)
     return out
@@ -64,21 +70,28 @@ def eval_loss(strategy, tokenizer, examples, *, template: str, seq_len: int, pac
     return {"eval_loss": loss_sum / max(tokens, 1.0), "eval_loss_examples": len(examples)}
 
 
-def gsm8k_accuracy(strategy, tokenizer, examples, *, template: str, max_new_tokens: int, batch_size: int, rank: int,
-                   world: int, stop: StopCheck, label: str) -> dict:
-    """Greedy answers to every rank's share of the prompts, gathered and scored against the gold answers."""
+def task_accuracy(strategy, tokenizer, examples, *, task, template: str, max_new_tokens: int, batch_size: int,
+                  rank: int, world: int, stop: StopCheck, label: str) -> dict:
+    """Greedy answers to every rank's share of the prompts, gathered and scored by the task."""
     mine = list(range(rank, len(examples), world))
     prompts = [format_prompt(tokenizer, examples[i].messages, template) for i in mine]
+    plain = resolve_template(tokenizer, template) == "plain"  # tokenized as in training: BOS only on plain prompts
     with (Progress(f"{label}: generation ({len(examples)} prompts)", math.ceil(len(prompts) / batch_size),
                    unit="batches", enabled=rank == 0) as progress,
           strategy.generation_context() as gen_model, strategy.forward_context()):
         texts = greedy_generate(gen_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                should_stop=stop.local, on_batch=progress.advance)
+                                add_special_tokens=plain, should_stop=stop.local, on_batch=progress.advance)
     stop.check("evaluation")  # a rank that stopped generating early has incomplete outputs
     gathered = dist.all_gather_objects(list(zip(mine, texts, strict=True)))
     by_index = dict(pair for part in gathered for pair in part)
-    predictions = [by_index[i] for i in range(len(examples))]
-    out = score(predictions, [gold_answer(e.response) for e in examples])
-    out["samples"] = [{"question": examples[i].messages[-1]["content"], "output": predictions[i]}
-                      for i in range(min(3, len(examples)))]
+    outputs = [by_index[i] for i in range(len(examples))]
+    out = task.score(outputs, examples)
+    out["predictions"] = predictions(examples, outputs, out.pop("per_example"))
+    out["samples"] = [{"question": p["prompt"], "output": p["output"]} for p in out["predictions"][:SAMPLES]]
     return out
+
+
+def predictions(examples, outputs: list[str], per_example: list[dict]) -> list[dict]:
+    """One row per scored question: its index in the test split, the question, the output and how it scored."""
+    return [{"index": i, "prompt": e.messages[-1]["content"], "output": o, **scored}
+            for i, (e, o, scored) in enumerate(zip(examples, outputs, per_example, strict=True))]

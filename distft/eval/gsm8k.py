@@ -85,11 +85,15 @@ def score(predictions: list[str], golds: list[str]) -> dict:
     extracted = [extract_answer(p) for p in predictions]
     formatted = sum(a is not None for a in extracted)
     correct = sum(a is not None and a == _normalise_gold(g) for a, g in zip(extracted, golds, strict=True))
+    strict = sum(strict_match(p, g) for p, g in zip(predictions, golds, strict=True))
+    flexible = sum(flexible_extract(p, g) for p, g in zip(predictions, golds, strict=True))
     return {
         "gsm8k_accuracy": correct / n,
         "gsm8k_format_rate": formatted / n,
         "gsm8k_correct": correct,
         "gsm8k_formatted": formatted,
+        "gsm8k_strict_match": strict / n,
+        "gsm8k_flexible_extract": flexible / n,
         "num_examples": n,
     }
 
@@ -109,3 +113,46 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml), reproduced so a distft number can sit next to
+# published tables: two answer filters, then exact_match with its ignore-regexes and ignore_case.
+LM_EVAL_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+LM_EVAL_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+LM_EVAL_INVALID = "[invalid]"  # RegexFilter's fallback when nothing matches
+
+
+def _lm_eval_filter(pattern: re.Pattern, text: str, group_select: int) -> str:
+    """lm-eval's RegexFilter followed by take_first: findall, pick one match, the first non-empty group of it."""
+    matches = pattern.findall(text)
+    if not matches:
+        return LM_EVAL_INVALID
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), None)
+        if match is None:
+            return LM_EVAL_INVALID
+    return match.strip()
+
+
+def _lm_eval_exact_match(prediction: str, gold: str) -> bool:
+    """lm-eval's exact_match with the gsm8k task's options (regexes_to_ignore, ignore_case, punctuation kept)."""
+    for pattern in LM_EVAL_IGNORE:
+        prediction, gold = re.sub(pattern, "", prediction), re.sub(pattern, "", gold)
+    return prediction.lower() == gold.lower()
+
+
+def _lm_eval_gold(gold: str) -> str:
+    """lm-eval's target is the whole answer field; a bare number is given the field's `#### ` line."""
+    return gold if "####" in gold else f"#### {gold.strip()}"
+
+
+def strict_match(text: str, gold: str) -> bool:
+    """lm-eval `strict-match`: the first number right after "#### " (one space), compared after its ignore-regexes."""
+    return _lm_eval_exact_match(_lm_eval_filter(LM_EVAL_STRICT, text, 0), _lm_eval_gold(gold))
+
+
+def flexible_extract(text: str, gold: str) -> bool:
+    """lm-eval `flexible-extract`: the last number-like token anywhere in the text."""
+    return _lm_eval_exact_match(_lm_eval_filter(LM_EVAL_FLEXIBLE, text, -1), _lm_eval_gold(gold))

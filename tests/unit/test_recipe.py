@@ -11,7 +11,7 @@ import torch
 from distft.checkpoint import check_checkpoint
 from distft.recipe import RunHooks, WorkerContext, run_training
 from distft.tracking import read_metrics
-from tests.conftest import compose_cfg, tiny_model_dir
+from tests.conftest import compose_cfg, sql_rows, tiny_model_dir, viggo_rows, write_task_dir
 
 STEPS = 4
 
@@ -58,14 +58,18 @@ def test_one_process_run_writes_metrics_results_eval_and_a_verified_export(full_
     assert result["steps"] == STEPS and result["grad_accum"] == 2 and result["lr"] == 1e-2
     assert result["eval"]["eval_loss"] < result["eval_start"]["eval_loss"]  # it learned something
     assert result["eval"]["num_examples"] == 2 and (run_dir / "eval_start.json").exists()
+    for name in ("eval_start", "eval"):  # distft's strict #### accuracy beside lm-eval's two GSM8K metrics
+        assert {"task", "accuracy", "gsm8k_accuracy", "gsm8k_strict_match", "gsm8k_flexible_extract"} <= \
+            result[name].keys()
+        assert len((run_dir / f"{name}_predictions.jsonl").read_text().splitlines()) == 2
     assert 0 < result["trainable_params"] < result["total_params"]
     assert result["export_check"]["ok"] and (run_dir / "export" / "adapter_config.json").exists()
     assert (run_dir / "export_probe.pt").exists()
     assert set(result["peak_memory_bytes_by_phase"]) >= {"load", "prepare", "train", "save", "eval", "export"}
     assert result["tokens_per_second"] > 0
     # the upload hook saw every file of the run directory that a cloud copy needs
-    assert {"metrics.jsonl", "train_result.json", "eval_start.json", "export_probe.pt", "export"} <= \
-        set(full_run["uploaded"])
+    assert {"metrics.jsonl", "train_result.json", "eval_start.json", "eval_start_predictions.jsonl",
+            "eval_predictions.jsonl", "export_probe.pt", "export"} <= set(full_run["uploaded"])
 
 
 def test_checkpoints_are_handed_over_on_schedule_and_complete(full_run):
@@ -177,3 +181,26 @@ def test_a_stop_during_export_keeps_the_last_checkpoint_and_a_rerun_finishes(tmp
     assert rerun["steps"] == STEPS and rerun["resumed_from"] == str(last)
     assert rerun["export_check"]["ok"] and (run_dir / "export" / "adapter_config.json").exists()
     assert {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")} == curve  # no step trained again
+
+
+@pytest.mark.parametrize("task,rows", [("sql", sql_rows), ("viggo", viggo_rows)])
+def test_each_task_is_scored_by_its_own_metric_before_and_after_training(task, rows, tmp_path):
+    data = write_task_dir(tmp_path / "data", rows)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = _cfg(data, f"data={task}", "data.seq_len=256", "eval.at_start=true", "eval.gsm8k_examples=3",
+               "eval.fewshot=2", "run.export=false")
+    result = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir()))
+    metric = {"sql": "sql_exact_match", "viggo": "viggo_exact_match"}[task]
+    for name in ("eval_start", "eval"):
+        scores = result[name]
+        assert scores["task"] == task and scores["metric"] == metric and scores["num_examples"] == 3
+        assert scores["accuracy"] == scores[metric] and "predictions" not in scores  # the outputs have their own file
+        written = [json.loads(line) for line in (run_dir / f"{name}_predictions.jsonl").read_text().splitlines()]
+        test = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+        assert [p["index"] for p in written] == [0, 1, 2]
+        # the question asked is the test row's own (the few-shot exemplars come before it, from train)
+        key = "question" if task == "sql" else "target"
+        assert all(test[i][key] in p["prompt"] for i, p in enumerate(written))
+        assert all(isinstance(p["correct"], bool) and isinstance(p["output"], str) for p in written)
+        assert sum(p["correct"] for p in written) == scores["correct"]
