@@ -67,15 +67,33 @@ def stopped_message(summary: dict) -> str:
 
 def _multirun_run_dir(cfg: DictConfig) -> bool:
     """Under `-m`, each job's run directory is the one Hydra made for it (hydra.sweep.subdir is
-    `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir."""
+    `<job number>-<run.name>/hydra`), so jobs of one sweep never share a run directory and all sit in the sweep dir;
+    the sweep is one W&B group (unless logger.group is set) and each job its own job type."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
-    run_dir = Path(HydraConfig.get().runtime.output_dir).parent
-    cfg.run.storage_path, cfg.run.name = str(run_dir.parent), run_dir.name
+    cfg.run.storage_path, cfg.run.name = sweep_job_location(cfg.run.storage_path,
+                                                            Path(HydraConfig.get().runtime.output_dir).parent)
+    if cfg.logger.group is None:
+        cfg.logger.group = sweep_group(Path(HydraConfig.get().sweep.dir))
     return True
+
+
+def sweep_job_location(storage_path: str, job_dir: Path) -> tuple[str, str]:
+    """(run.storage_path, run.name) of one sweep job. Local storage: the job's own directory in the sweep dir. A
+    storage URI (s3://, gs://) is kept as it is (never through pathlib, which would make it `s3:/...`), and the job
+    is named after its sweep and number so that jobs of different sweeps never share a run."""
+    if "://" in str(storage_path):
+        return str(storage_path), f"{sweep_group(job_dir.parent)}-{job_dir.name}"
+    return str(job_dir.parent), job_dir.name
+
+
+def sweep_group(sweep_dir: Path) -> str:
+    """A sweep's name: its directory, with the date above it for Hydra's default multirun/<date>/<time>."""
+    parent = sweep_dir.parent.name
+    return f"{parent}_{sweep_dir.name}" if parent[:2].isdigit() else sweep_dir.name
 
 
 def cli() -> None:

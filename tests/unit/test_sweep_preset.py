@@ -39,3 +39,13 @@ def test_a_two_by_two_cpu_grid_from_the_command_line_gives_four_valid_runs(job, 
     validate_config(cfg)
     assert cfg.method.name == "lora" and cfg.method.lora_alpha == 32
     assert cfg.method.lora_r in (8, 64) and cfg.trainer.lr in (1e-3, 3e-3)
+
+
+def test_a_sweep_job_keeps_a_storage_uri_and_gets_a_name_unique_across_sweeps(tmp_path):
+    from distft.train import sweep_group, sweep_job_location
+
+    job = tmp_path / "multirun" / "2026-12-03" / "17-30-00" / "2-tiny_llama-lora-ddp"
+    assert sweep_job_location("s3://bucket/runs", job) == ("s3://bucket/runs",
+                                                            "2026-12-03_17-30-00-2-tiny_llama-lora-ddp")
+    assert sweep_job_location("runs", job) == (str(job.parent), "2-tiny_llama-lora-ddp")
+    assert sweep_group(tmp_path / "my-sweep") == "my-sweep"
