@@ -2,10 +2,12 @@
 
 Each arm's config is composed again by Hydra from the same command-line overrides plus the arm's own (`method=`,
 `trainer.lr=`, `compare.arms.<name>.overrides`), so group choices resolve exactly as they would on the command line
-and every arm shares the data, budget and seeds. Every arm is validated before any arm starts. Arms then run as normal
-runs (`distft.launch.launch`), each a complete run directory under one compare directory: one after another, or as
-concurrent Ray tasks when the cluster has room for several (Ray Train V2 trainers can be driven from tasks, the way
-Ray Tune drives them). The report (`distft.report`) follows.
+and every arm shares the data, budget and seeds. With `compare.seeds=[1,2,3]` every arm runs once per seed (run
+`<arm>-seed<k>`, `trainer.seed=<k>`), so the report can show the spread over seeds. Every run is validated before any
+starts. Runs then go as normal runs (`distft.launch.launch`), each a complete run directory under one compare
+directory: one after another, or as concurrent Ray tasks when the cluster has room for several (Ray Train V2
+trainers can be driven from tasks, the way Ray Tune drives them). compare.json records them, and the report
+(`distft.report`) follows.
 """
 
 from __future__ import annotations
@@ -43,20 +45,34 @@ def enabled_arms(cfg: DictConfig) -> list[str]:
     return [name for name, arm in cfg.compare.arms.items() if arm.enabled]
 
 
-def arm_overrides(cfg: DictConfig, name: str, overrides: list[str], root: Path) -> list[str]:
-    """The Hydra overrides that compose arm `name`: the command line's, minus the keys the arm decides, plus the
-    arm's own. Later entries win, so the arm's extra overrides can change anything the command line set."""
+def arm_runs(cfg: DictConfig) -> list[tuple[str, str, int | None]]:
+    """(run name, arm name, seed) of every run the compare makes: one per enabled arm, or with compare.seeds one
+    per arm and seed, named <arm>-seed<k>."""
+    seeds = cfg.compare.seeds
+    if seeds is None:
+        return [(name, name, None) for name in enabled_arms(cfg)]
+    return [(f"{name}-seed{seed}", name, seed) for name in enabled_arms(cfg) for seed in seeds]
+
+
+def arm_overrides(cfg: DictConfig, name: str, overrides: list[str], root: Path, *, seed: int | None = None,
+                  run_name: str | None = None) -> list[str]:
+    """The Hydra overrides that compose arm `name` (as run `run_name`, default the arm's name): the command line's,
+    minus the keys the arm decides, plus the arm's own. Later entries win, so the arm's extra overrides can change
+    anything the command line set; a compare.seeds seed comes after them, since the seeds are what the runs of
+    one arm differ in."""
     arm = cfg.compare.arms[name]
     extra = list(arm.overrides)
-    decided = set(ARM_KEYS) | {_key(o) for o in extra}
+    decided = set(ARM_KEYS) | {_key(o) for o in extra} | ({"trainer.seed"} if seed is not None else set())
     kept = [o for o in overrides if _key(o) not in decided and not _key(o).startswith("hydra")]
     own = [f"method={arm.method}"] if arm.method else [o for o in overrides if _key(o) == "method"]
     if arm.lr is not None:
         own.append(f"trainer.lr={arm.lr}")
     elif any(_key(o) == "trainer.lr" for o in overrides):
         own += [o for o in overrides if _key(o) == "trainer.lr"]
+    seeded = [f"trainer.seed={seed}"] if seed is not None else []
     group = [] if cfg.logger.group else [f"logger.group={cfg.run.name}"]
-    return [*kept, *own, *extra, *group, "compare.enabled=false", f"run.storage_path={root}", f"run.name={name}"]
+    return [*kept, *own, *extra, *seeded, *group, "compare.enabled=false", f"run.storage_path={root}",
+            f"run.name={run_name or name}"]
 
 
 def _key(override: str) -> str:
@@ -65,17 +81,17 @@ def _key(override: str) -> str:
 
 
 def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
-    """Compose every enabled arm; raise one ConfigError listing every arm that cannot be composed or validated."""
+    """Compose every run of every enabled arm (run name -> config); raise one ConfigError listing every arm that
+    cannot be composed or validated (once, however many seeds it runs)."""
     from hydra import compose
 
-    names = enabled_arms(cfg)
-    if not names:
+    if not enabled_arms(cfg):
         raise ConfigError(["compare.enabled=true but no arm is enabled; set compare.arms.<name>.enabled=true"])
     root = compare_dir(cfg)
-    arms, problems = {}, []
+    arms, problems = {}, compare_problems(cfg.compare)
     with hydra_context():
-        for name in names:
-            arm = arm_overrides(cfg, name, overrides, root)
+        for run_name, name, seed in arm_runs(cfg):
+            arm = arm_overrides(cfg, name, overrides, root, seed=seed, run_name=run_name)
             try:
                 arm_cfg = compose("train", overrides=arm)
             except Exception as e:  # noqa: BLE001 - Hydra's message names the bad override; report it per arm
@@ -92,10 +108,39 @@ def compose_arms(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]
                 problems += [f"compare.arms.{name}: {p}" for p in e.problems]
             if cfg.compare.final_eval and not arm_cfg.run.export:
                 problems.append(f"compare.arms.{name}: compare.final_eval=true scores the export, but run.export=false")
-            arms[name] = arm_cfg
+            arms[run_name] = arm_cfg
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # an arm's problems repeat for each of its seeds
     return arms
+
+
+def compare_problems(compare: DictConfig) -> list[str]:
+    """What is wrong with the compare's own keys (seeds, samples)."""
+    problems = []
+    seeds = compare.seeds
+    if seeds is not None and len(seeds) == 0:
+        problems.append("compare.seeds=[] runs nothing; give one seed or more (compare.seeds=[1,2,3]), or null for "
+                        "one run per arm")
+    elif seeds is not None and len(set(seeds)) < len(seeds):
+        repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+        problems.append(f"compare.seeds={list(seeds)} repeats seed {', '.join(map(str, repeated))}; each seed runs "
+                        "once per arm")
+    if compare.samples < 0:
+        problems.append(f"compare.samples={compare.samples} must be 0 (no answers in the report) or more")
+    return problems
+
+
+def compare_record(cfg: DictConfig, arms: dict[str, DictConfig], overrides: list[str]) -> dict:
+    """The first compare.json. Run directories are relative to the compare directory, so the record stays valid
+    when the directory is moved, copied or committed; each run keeps its resolved config, from which the report
+    recomputes cost and config differences when a run directory lacks its config.yaml."""
+    runs = {run_name: (name, seed) for run_name, name, seed in arm_runs(cfg)}
+    return {"name": cfg.run.name, "compare_dir": str(compare_dir(cfg)), "overrides": list(overrides),
+            "seeds": list(cfg.compare.seeds) if cfg.compare.seeds is not None else None,
+            "arms": {run_name: {"run_dir": run_name, "arm": runs[run_name][0], "seed": runs[run_name][1],
+                                "status": "pending", "error": None,
+                                "config": OmegaConf.to_container(arm_cfg, resolve=True)}
+                     for run_name, arm_cfg in arms.items()}}
 
 
 def arm_resources(cfg: DictConfig) -> dict[str, float]:
@@ -137,12 +182,11 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
     _each_arm(arms, lambda c: validate_cluster(c, ray.cluster_resources()))
 
     root.mkdir(parents=True, exist_ok=True)
-    record = {"name": cfg.run.name, "compare_dir": str(root), "overrides": list(overrides),
-              "arms": {n: {"run_dir": str(root / n), "status": "pending", "error": None} for n in arms}}
+    record = compare_record(cfg, arms, overrides)
     _write(root, record)
     parallel = concurrency(arms, ray.available_resources(), cfg.compare.max_concurrent)
     record["max_concurrent"] = parallel
-    print(f"distft: compare '{cfg.run.name}': {len(arms)} arm(s), {parallel} at a time -> {root}", file=sys.stderr)
+    print(f"distft: compare '{cfg.run.name}': {len(arms)} run(s), {parallel} at a time -> {root}", file=sys.stderr)
     started = time.time()
     if parallel == 1:
         for name, arm_cfg in arms.items():
@@ -158,7 +202,7 @@ def run_compare(cfg: DictConfig, overrides: list[str]) -> dict:
                 record["arms"][name]["final_eval"] = final_eval(arm_cfg, cfg.compare)
                 _write(root, record)
     if cfg.compare.report:
-        record["report"] = str(write_report([root], out_dir=root, wandb="auto"))
+        record["report"] = write_report([root], out_dir=root, wandb="auto", samples=cfg.compare.samples).name
         _write(root, record)
     return record
 
@@ -208,14 +252,16 @@ def _run_arm(arm_cfg: DictConfig) -> dict:
 
 
 def final_eval(arm_cfg: DictConfig, compare: DictConfig) -> dict:
-    """GSM8K accuracy of the arm's export over Ray actors (distft.eval), written to <run dir>/eval_gsm8k.json."""
+    """The task's metric on the arm's export over Ray actors (distft.eval), written with every question's result to
+    <run dir>/eval_<data.name>.json (eval_gsm8k.json for GSM8K), where the report looks for it."""
     run_dir = Path(arm_cfg.run.storage_path) / arm_cfg.run.name
     s = arm_cfg.scaling
     result = evaluate_export(run_dir / "export", examples=compare.final_eval_examples,
                              workers=compare.final_eval_workers or s.num_workers, batch_size=arm_cfg.eval.batch_size,
                              cpus_per_worker=s.cpus_per_worker, gpus_per_worker=s.gpus_per_worker if s.use_gpu else 0)
-    write_result(result, run_dir / "eval_gsm8k.json")
-    return {k: result[k] for k in ("gsm8k_accuracy", "num_examples", "seconds")}
+    write_result(result, run_dir / f"eval_{arm_cfg.data.name}.json")
+    return {k: result[k] for k in ("task", "metric", "accuracy", "gsm8k_accuracy", "num_examples", "seconds")
+            if k in result}
 
 
 def _run_concurrently(arms: dict[str, DictConfig], record: dict, parallel: int, root: Path) -> None:

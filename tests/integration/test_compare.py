@@ -20,7 +20,11 @@ TINY = ["model=tiny_llama", "hardware=cpu", "data.max_train_examples=64", "data.
 
 
 def table_rows(report: Path) -> dict[str, list[str]]:
-    rows = [line.strip("|").split("|") for line in report.read_text().splitlines() if line.startswith("| ")]
+    """The arm table (the report's first table): arm -> cells."""
+    lines = report.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line.strip("|").split("|") for line in lines[start:end] if line.startswith("| ")]
     return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
 
 
@@ -29,7 +33,7 @@ def compare_dir(tmp_path_factory, gsm8k_dir, ray_cluster) -> Path:
     root = tmp_path_factory.mktemp("compare")
     overrides = ["+experiment=gsm8k_compare", *TINY, f"run.storage_path={root}", f"data.path={gsm8k_dir}",
                  "compare.arms.full.lr=3e-3", "compare.arms.lora.lr=3e-2", "compare.arms.qlora.lr=3e-2",
-                 "compare.final_eval=true", "compare.final_eval_examples=4"]
+                 "compare.final_eval=true", "compare.final_eval_examples=4", "eval.at_start=true"]
     record = run_compare(compose_cfg(overrides), overrides)
     assert record["max_concurrent"] == 2  # 4 CPUs, 2 per arm: two arms ran at once as Ray tasks
     return Path(record["compare_dir"])
@@ -53,7 +57,20 @@ def test_compare_runs_three_arms_and_reports(compare_dir):
     # same data and token budget in every arm
     assert len({json.dumps(s["data"], sort_keys=True) for s in summaries.values()}) == 1
 
+    # run directories relative to the compare directory, each arm's resolved config kept
+    assert {a["run_dir"] for a in record["arms"].values()} == {"full", "lora", "qlora"}
+    assert record["arms"]["lora"]["config"]["method"]["name"] == "lora"
+    for name in record["arms"]:  # every scored question's output, before and after training
+        for file in ("eval_predictions.jsonl", "eval_start_predictions.jsonl"):
+            assert len((compare_dir / name / file).read_text().splitlines()) == 4
+
+    report = (compare_dir / "report.md").read_text()
+    for section in ("## Paired comparisons", "## Answers side by side", "## Config differences between arms"):
+        assert section in report, section
+    assert "method.name" in report  # the arms differ in method (and lr)
     rows = table_rows(compare_dir / "report.md")
+    assert "base model" in " ".join(rows)  # the model before training, from eval_start
+    rows = {k: v for k, v in rows.items() if "base model" not in k}
     assert set(rows) == {"full", "lora", "qlora"}
     for name, cells in rows.items():
         assert cells[1] == "completed"
@@ -103,6 +120,9 @@ def test_multirun_sweep_gives_each_job_a_run_and_report_picks_best(tmp_path, gsm
     summaries = [json.loads((p / "summary.json").read_text()) for p in runs]
     assert [s["status"] for s in summaries] == ["completed"] * 4
     assert [s["lr"] for s in summaries] == [1e-3, 3e-3, 1e-3, 3e-3]
+    import yaml
+
+    assert {yaml.safe_load((p / "config.yaml").read_text())["logger"]["group"] for p in runs} == {"sweep"}
 
     write_report([sweep], wandb="off")
     rows = {r["arm"]: r for r in json.loads((sweep / "report.json").read_text())}
