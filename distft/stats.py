@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Hashable, Mapping
 
 ALPHA = 0.05  # significance level of the report's verdicts
 EXACT_BELOW = 25  # discordant pairs below which McNemar's p-value is the exact binomial one (the chi-square is poor)
