@@ -65,7 +65,8 @@ def zero3_lora_parity(tmp_path_factory, gsm8k_dir, ray_cluster) -> dict:
 # ZeRO-2 runs in CI in the QLoRA export test below; its parity runs are nightly.
 @pytest.mark.parametrize("strategy,method", [
     pytest.param("zero1", "full", marks=NIGHTLY), pytest.param("zero2", "full", marks=NIGHTLY), ("zero3", "full"),
-    ("zero3_offload", "full"),
+    # offload moves optimizer states to the CPU they already live on here: the same math as zero3, nightly
+    pytest.param("zero3_offload", "full", marks=NIGHTLY),
     pytest.param("zero1", "lora", marks=NIGHTLY), pytest.param("zero2", "lora", marks=NIGHTLY),
     ("zero3", "lora"), pytest.param("zero3_offload", "lora", marks=NIGHTLY),
 ])
