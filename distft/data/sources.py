@@ -6,6 +6,7 @@ dataset in one pass instead of one crash per line. Each problem names ``file:lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -354,4 +355,4 @@ def _with_system_prompt(example: Example, system_prompt: str) -> Example:
     if example.messages and example.messages[0]["role"] == "system":
         return example
     messages = ({"role": "system", "content": system_prompt}, *example.messages)
-    return Example(messages=messages, response=example.response, origin=example.origin)
+    return dataclasses.replace(example, messages=messages)  # keeps meta (the SQL schema the scorer runs)

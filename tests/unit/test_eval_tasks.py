@@ -93,3 +93,10 @@ def test_fewshot_prompts_are_lm_eval_shaped_seeded_and_never_the_question_itself
     first, second = shots[1].messages[0]["content"], shots[1].messages[2]["content"]
     assert prompt == (f"Question: {first}\nAnswer: {shots[1].messages[1]['content']}\n\n"
                       f"Question: {second}\nAnswer: {shots[1].messages[3]['content']}\n\nQuestion: new\nAnswer:")
+
+
+def test_a_system_prompt_keeps_the_sql_schema_the_scorer_runs(tmp_path):
+    data = write_task_dir(tmp_path, sql_rows, train=2, test=2)
+    example = load_examples("sql", str(data), "test", system_prompt="You write SQL.")[0]
+    assert example.messages[0]["role"] == "system" and example.meta["context"].startswith("CREATE TABLE")
+    assert get_task("sql").score([example.response], [example])["sql_execution_match"] == 1.0
