@@ -49,6 +49,9 @@ ANSWER_CHARS = 400  # longer answers are cut in the side-by-side table (report.j
 METRIC_LABELS = {"gsm8k_accuracy": "GSM8K acc", "sql_exact_match": "SQL exact match",
                  "sql_execution_match": "SQL execution match", "viggo_exact_match": "ViGGO exact match",
                  "viggo_function_match": "ViGGO function match"}
+# Each task's other metrics, as columns after the fixed ones (only when some row has them): row key -> heading.
+EXTRA_COLUMNS = {"lm_eval_strict": "lm-eval strict", "lm_eval_flexible": "lm-eval flexible",
+                 "sql_execution_match": "SQL execution match", "viggo_function_match": "ViGGO function match"}
 
 
 @dataclass
@@ -278,6 +281,7 @@ def eval_fields(ev: dict) -> dict:
         "gsm8k_accuracy": ev.get("gsm8k_accuracy"), "gsm8k_n": n, "gsm8k_correct": k_gsm8k,
         "gsm8k_ci95": list(wilson_interval(k_gsm8k, n)) if n and k_gsm8k is not None else None,
         "lm_eval_strict": ev.get("gsm8k_strict_match"), "lm_eval_flexible": ev.get("gsm8k_flexible_extract"),
+        "sql_execution_match": ev.get("sql_execution_match"), "viggo_function_match": ev.get("viggo_function_match"),
         "format_rate": ev.get("gsm8k_format_rate"), "eval_loss": ev.get("eval_loss"),
     }
 
@@ -568,14 +572,13 @@ def metric_label(metric: str | None) -> str:
 
 def table_columns(rows: list[dict]) -> list[str]:
     """The arm table's headings. The accuracy column names the task's metric when every row has the same one;
-    GSM8K's lm-evaluation-harness metrics come last, only when some row has them."""
+    the tasks' other metrics (GSM8K's lm-evaluation-harness pair, SQL execution match, ViGGO function match) come
+    last, only when some row has them."""
     metrics = {r["metric"] for r in rows if r["metric"] is not None}
     label = metric_label(metrics.pop()) if len(metrics) == 1 else "GSM8K acc" if not metrics else "accuracy"
     columns = ["arm", "status", "lr (tried)", f"{label} [95% CI] (n)", "format", "eval loss", "peak mem/worker",
                "tokens/s", "wall", "trainable params", "ckpt size", "export size", "cost"]
-    if any(r["lm_eval_strict"] is not None or r["lm_eval_flexible"] is not None for r in rows):
-        columns += ["lm-eval strict", "lm-eval flexible"]
-    return columns
+    return columns + [label for key, label in EXTRA_COLUMNS.items() if any(r.get(key) is not None for r in rows)]
 
 
 def accuracy_cell(row: dict, *, name_metric: bool) -> str:
@@ -606,9 +609,7 @@ def table_cells(row: dict, columns: list[str], *, name_metric: bool = False) -> 
              _num(row["eval_loss"], ".4f"), _bytes(row["peak_memory_bytes"]), _num(row["tokens_per_second"], ".1f"),
              _seconds(row["wall_seconds"]), _count(row["trainable_params"]), _bytes(row["checkpoint_bytes"]),
              _bytes(row["export_bytes"]), cost]
-    if len(columns) > len(cells):
-        cells += [_num(row["lm_eval_strict"], ".3f"), _num(row["lm_eval_flexible"], ".3f")]
-    return cells
+    return cells + [_num(row.get(key), ".3f") for key, label in EXTRA_COLUMNS.items() if label in columns]
 
 
 def _several_metrics(rows: list[dict]) -> bool:
@@ -645,7 +646,8 @@ EXPLANATION = (
     "match after normalisation) on the first n test questions, greedy decoding; the interval is a 95% Wilson score "
     "interval. With several seeds per arm (`compare.seeds`) the cell is mean ± sample std over the seeds. "
     "`lm-eval strict` / `lm-eval flexible` are lm-evaluation-harness's GSM8K metrics (strict-match, "
-    "flexible-extract). The base model row is the evaluation before training (`eval.at_start`). Peak memory is "
+    "flexible-extract); `SQL execution match`: the query returns the gold query's rows on the example's schema; "
+    "`ViGGO function match`: the dialogue act alone. The base model row is the evaluation before training (`eval.at_start`). Peak memory is "
     "the largest per-worker peak (GPU allocator peak on GPU, process RSS peak on CPU). tokens/s counts all tokens "
     "of the global batch, first step excluded. Cost = workers x wall hours x `hardware.gpu_hour_usd` (n/a when "
     "unset). Sizes are measured on disk (newest checkpoint; export directory). With several runs per arm the best "

@@ -15,6 +15,7 @@ from distft.data.format import (
     eos_token_id,
     format_prompt,
     resolve_template,
+    stop_strings,
 )
 from distft.data.loader import ShardedBatches, collate
 from distft.data.packing import PackedRow, pack_examples, padding_stats, unpacked_rows
@@ -40,6 +41,7 @@ __all__ = [
     "padding_stats",
     "resolve_template",
     "steps_per_epoch",
+    "stop_strings",
     "unpacked_rows",
     "with_fewshot",
 ]

@@ -48,6 +48,13 @@ def format_prompt(tokenizer, messages: Sequence[dict], template: str) -> str:
     return _plain_prompt(messages)
 
 
+def stop_strings(template: str) -> tuple[str, ...]:
+    """Where a generated answer ends besides EOS. Under the plain template a model that has not learned EOS (the
+    base model, n-shot) goes on with the next ``Question:`` turn; lm-evaluation-harness's gsm8k task stops there too
+    (its ``until``), so the text after it is neither scored nor kept. ``template`` is resolved (chat or plain)."""
+    return ("Question:",) if template == "plain" else ()
+
+
 def _plain_prompt(messages: Sequence[dict]) -> str:
     parts = []
     for m in messages:

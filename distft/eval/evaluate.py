@@ -12,6 +12,7 @@ from distft.data import (
     format_prompt,
     pack_examples,
     resolve_template,
+    stop_strings,
     unpacked_rows,
 )
 from distft.eval.generate import greedy_generate
@@ -75,12 +76,14 @@ def task_accuracy(strategy, tokenizer, examples, *, task, template: str, max_new
     """Greedy answers to every rank's share of the prompts, gathered and scored by the task."""
     mine = list(range(rank, len(examples), world))
     prompts = [format_prompt(tokenizer, examples[i].messages, template) for i in mine]
-    plain = resolve_template(tokenizer, template) == "plain"  # tokenized as in training: BOS only on plain prompts
+    resolved = resolve_template(tokenizer, template)
+    plain = resolved == "plain"  # tokenized as in training: BOS only on plain prompts
     with (Progress(f"{label}: generation ({len(examples)} prompts)", math.ceil(len(prompts) / batch_size),
                    unit="batches", enabled=rank == 0) as progress,
           strategy.generation_context() as gen_model, strategy.forward_context()):
         texts = greedy_generate(gen_model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                add_special_tokens=plain, should_stop=stop.local, on_batch=progress.advance)
+                                add_special_tokens=plain, stop=stop_strings(resolved), should_stop=stop.local,
+                                on_batch=progress.advance)
     stop.check("evaluation")  # a rank that stopped generating early has incomplete outputs
     gathered = dist.all_gather_objects(list(zip(mine, texts, strict=True)))
     by_index = dict(pair for part in gathered for pair in part)

@@ -52,7 +52,7 @@ class Generator:
     """Ray Data actor: loads the export once, then greedily completes batches of prompts."""
 
     def __init__(self, export_dir: str, *, dtype: str, quant: dict | None, max_new_tokens: int, batch_size: int,
-                 threads: int, add_special_tokens: bool = False):
+                 threads: int, add_special_tokens: bool = False, stop: tuple[str, ...] = ()):
         import torch
 
         from distft.export import load_export
@@ -68,14 +68,14 @@ class Generator:
         self.model = load_export(Path(export_dir), dtype=dtype, quant_config=quant_config, device=device)
         self.tokenizer = load_tokenizer(export_dir)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.add_special_tokens = add_special_tokens
+        self.add_special_tokens, self.stop = add_special_tokens, stop
 
     def __call__(self, batch: dict) -> dict:
         from distft.eval import greedy_generate
 
         texts = greedy_generate(self.model, self.tokenizer, [str(p) for p in batch["prompt"]],
                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                                add_special_tokens=self.add_special_tokens)
+                                add_special_tokens=self.add_special_tokens, stop=self.stop)
         return {"index": batch["index"], "output": texts}
 
 
@@ -86,7 +86,7 @@ def evaluate_export(export_dir: Path, *, examples: int | None = None, workers: i
     `workers` Ray actors; Ray must be initialised."""
     import ray
 
-    from distft.data.format import resolve_template
+    from distft.data.format import resolve_template, stop_strings
     from distft.eval import wilson_interval
     from distft.eval.evaluate import predictions as prediction_rows
     from distft.eval.tasks import get_task
@@ -130,7 +130,8 @@ def evaluate_export(export_dir: Path, *, examples: int | None = None, workers: i
         fn_constructor_kwargs=dict(export_dir=str(export_dir), dtype=dtype, quant=quant,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    threads=int(max(1, cpus_per_worker)),
-                                   add_special_tokens=template == "plain"),  # BOS on plain prompts, as in training
+                                   add_special_tokens=template == "plain",  # BOS on plain prompts, as in training
+                                   stop=stop_strings(template)),
     ).take_all()
     by_index = {int(r["index"]): str(r["output"]) for r in outputs}
     if len(by_index) != len(prompts):

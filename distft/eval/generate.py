@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int,
     add_special_tokens: bool = False,
+    stop: Sequence[str] = (),
     should_stop: Callable[[], object] | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> list[str]:
@@ -34,6 +35,8 @@ def greedy_generate(
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per ``generate`` call.
         add_special_tokens: whether the tokenizer adds BOS/EOS-style tokens to each prompt.
+        stop: strings that end an answer besides EOS (``distft.data.stop_strings``): a row stops generating once
+            its text contains one, and the text from the first one on is dropped.
         should_stop: asked before each batch; when it answers truthy, generation ends there and the prompts
             not reached keep an empty output (the caller decides what a stopped evaluation means).
         on_batch: called after each batch (progress).
@@ -75,8 +78,10 @@ def greedy_generate(
                 eos_token_id=tokenizer.eos_token_id,
                 # each rank generates on its own shard with gathered weights: never sync per token across ranks
                 synced_gpus=False,
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
             )
             texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+            texts = [truncate_at(text, stop) for text in texts]
             for i, text in zip(rows, texts, strict=True):
                 outputs[i] = text
             if on_batch is not None:
@@ -88,3 +93,9 @@ def greedy_generate(
         if pad_token is None:
             tokenizer.pad_token = None
     return outputs
+
+
+def truncate_at(text: str, stop: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]

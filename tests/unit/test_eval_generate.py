@@ -121,3 +121,20 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2_tokenizer):
     )
     [answer] = greedy_generate(model, smollm2_tokenizer, [prompt], max_new_tokens=24, batch_size=1)
     assert "Paris" in answer
+
+
+def test_stop_strings_end_an_answer_and_are_cut_with_what_follows(tiny_llama, smollm2_tokenizer):
+    from distft.data import stop_strings
+    from distft.eval.generate import truncate_at
+
+    full = greedy_generate(tiny_llama, smollm2_tokenizer, PROMPTS, max_new_tokens=16, batch_size=len(PROMPTS))
+    text = full[1]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]  # a piece of one row's answer, after its start
+    assert stop.strip() and text.find(stop) > 0
+    got = greedy_generate(tiny_llama, smollm2_tokenizer, PROMPTS, max_new_tokens=16, batch_size=len(PROMPTS),
+                          stop=[stop])
+    assert got[1] == text[: text.find(stop)]
+    # rows without the stop string are untouched; rows with it lose it and everything after it
+    assert got == [truncate_at(t, [stop]) for t in full]
+    assert truncate_at("7\n\nQuestion: and #### 9", stop_strings("plain")) == "7\n\n"
+    assert stop_strings("plain") == ("Question:",) and stop_strings("chat") == ()

@@ -286,6 +286,7 @@ def test_task_metric_names_the_column_and_lm_eval_columns(tmp_path):
     text = write_report([a, b], out_dir=tmp_path / "sql", wandb="off").read_text()
     head, *cells = arm_table(text)
     assert head[3] == "SQL exact match [95% CI] (n)" and "lm-eval strict" not in head
+    assert head[-1] == "SQL execution match" and cells[1][-1] == "0.500"  # the task's other metric, last
     assert cells[1][3].startswith("0.500 [") and rows_by_arm(tmp_path / "sql")["lora"]["metric"] == "sql_exact_match"
 
     gsm8k = {"task": "gsm8k", "metric": "gsm8k_accuracy", "accuracy": 0.25, "correct": 2,
@@ -293,10 +294,11 @@ def test_task_metric_names_the_column_and_lm_eval_columns(tmp_path):
     g = make_run(tmp_path / "g", method="qlora", lr=1e-4, eval_extra=gsm8k)
     text = write_report([a, g], out_dir=tmp_path / "mixed", wandb="off").read_text()
     head, *cells = arm_table(text)
-    assert head[3] == "accuracy [95% CI] (n)" and head[-2:] == ["lm-eval strict", "lm-eval flexible"]
+    assert head[3] == "accuracy [95% CI] (n)"
+    assert head[-3:] == ["lm-eval strict", "lm-eval flexible", "SQL execution match"]
     by_arm = {c[0]: c for c in cells}
-    assert by_arm["full"][3].startswith("SQL exact match: 0.250 [") and by_arm["full"][-2:] == ["—", "—"]
-    assert by_arm["qlora"][3].startswith("GSM8K acc: 0.250 [") and by_arm["qlora"][-2:] == ["0.125", "0.375"]
+    assert by_arm["full"][3].startswith("SQL exact match: 0.250 [") and by_arm["full"][-3:] == ["—", "—", "0.500"]
+    assert by_arm["qlora"][3].startswith("GSM8K acc: 0.250 [") and by_arm["qlora"][-3:] == ["0.125", "0.375", "—"]
     row = rows_by_arm(tmp_path / "mixed")["qlora"]
     assert (row["lm_eval_strict"], row["lm_eval_flexible"], row["gsm8k_accuracy"]) == (0.125, 0.375, 0.25)
 
