@@ -21,6 +21,13 @@ def all_reduce(value: float | int, device: torch.device, op: str = "sum") -> flo
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (unchanged in one process); returns it."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_objects(obj) -> list:
     if not is_distributed():
         return [obj]

@@ -56,13 +56,13 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
     while result.step < max_steps:
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(grad_accum)]
-        loss, answer_tokens = forward_backward(strategy, micro, step=result.step + 1, world=world, device=device,
-                                               faults=faults)
+        loss, answer_tokens, result.stopped = forward_backward(strategy, micro, step=result.step + 1, world=world,
+                                                               device=device, faults=faults, stop=stop)
         lr = strategy.current_lr()
         grad_norm = strategy.step(max_grad_norm)
         result.step += 1
         elapsed = time.perf_counter() - t0
-        tokens = dist.all_reduce(sum(int(b["input_ids"].numel()) for b in micro), device)
+        tokens = sum(b["global_num_tokens"] for b in micro)
         result.step_seconds.append(elapsed)
         result.step_tokens.append(tokens)
         result.loss = loss
@@ -70,7 +70,6 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
                           "tokens_per_second": tokens / elapsed, "answer_tokens": int(answer_tokens),
                           "epoch": batches.state_dict()["epoch"], "step_seconds": elapsed},
                          last=result.step == max_steps)
-        result.stopped = stop.agree()  # every rank saves the same step
         if checkpointer.should_save(result.step, now=bool(result.stopped) or preflight):
             with memory.during("save"):
                 checkpointer.save(result.step, loader_state=batches.state_dict(), metrics={"loss": loss})
@@ -85,27 +84,33 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
 
 
 def forward_backward(strategy, micro: list[dict], *, step: int, world: int, device: torch.device,
-                     faults: Faults) -> tuple[float, float]:
+                     faults: Faults, stop: StopCheck = NO_STOP) -> tuple[float, int, str | None]:
     """Forward and backward over one optimizer step's micro-batches. Returns (mean loss per answer token over the
-    global batch, answer tokens of the global batch); raises before the update if the loss is not finite."""
-    global_tokens = dist.all_reduce(sum(b["num_loss_tokens"] for b in micro), device)
+    global batch, answer tokens of the global batch, the agreed stop reason or None); raises before the update if
+    the loss is not finite.
+
+    One collective and one host read per step: the global batch's token counts come with the batches (every rank
+    knows every shard), and this rank's loss sum stays on the device until one all-reduce carries it together with
+    this rank's stop flag."""
+    global_tokens = sum(b["global_num_loss_tokens"] for b in micro)
     # Each micro-batch's summed token loss is divided by the answer tokens of the whole global batch, so any
     # micro-batch x accumulation x workers factorisation gives the same update. DDP averages over workers,
     # hence the factor `world`.
     scale = world / max(global_tokens, 1.0)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64: summed as exactly as Python floats
     for i, batch in enumerate(micro):
         with strategy.sync_context(sync=i == len(micro) - 1):
             with strategy.forward_context():
                 logits = strategy.model(**model_inputs(batch, device)).logits
             token_loss = causal_lm_loss_sum(logits, batch["labels"].to(device))
             strategy.backward(token_loss * scale)
-        loss_sum += float(token_loss.detach())
-    loss_sum = faults.at_step(step, loss_sum)
-    loss = dist.all_reduce(loss_sum, device) / max(global_tokens, 1.0)
+        loss_sum += token_loss.detach().double()
+    loss_sum = torch.as_tensor(faults.at_step(step, loss_sum), dtype=torch.float64, device=device)
+    totals = dist.all_reduce_tensor(torch.stack([loss_sum, loss_sum.new_tensor(float(stop.local() is not None))]))
+    total_loss, stopping = totals.tolist()
+    loss = total_loss / max(global_tokens, 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss} at step {step}; stopped before the optimizer step (no checkpoint of this step "
             "was written). Lower trainer.lr, keep trainer.max_grad_norm set, or check the data for empty answers")
-    return loss, global_tokens
-
+    return loss, global_tokens, stop.agreed(stopping > 0)

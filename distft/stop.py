@@ -41,9 +41,14 @@ class StopCheck:
         if self._ask is None:
             return None
         mine = self.local()
-        if dist.all_reduce(float(mine is not None), self.device, op="max") == 0:
+        return self.agreed(dist.all_reduce(float(mine is not None), self.device, op="max") > 0)
+
+    def agreed(self, any_rank: bool) -> str | None:
+        """The reason, once the ranks have reduced their `local()` flags themselves (the training loop sends them
+        with its loss): collective only when some rank was told to stop."""
+        if not any_rank:
             return None
-        return next((r for r in dist.all_gather_objects(mine) if r), "stop requested")
+        return next((r for r in dist.all_gather_objects(self.reason) if r), "stop requested")
 
     def check(self, phase: str) -> None:
         """An agreed stop point: raises StopRequested if any rank was told to stop."""

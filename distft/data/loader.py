@@ -57,6 +57,11 @@ class ShardedBatches:
     The state ``{"epoch", "index"}`` always names the next micro-batch to produce; it advances as each
     batch is handed out, so ``state_dict()`` taken right after a batch resumes at the following one.
     Use one iterator at a time.
+
+    Every rank holds all the rows and knows every rank's shard, so each batch also carries the counts of the
+    same micro-batch on all ranks together: ``global_num_loss_tokens`` and ``global_num_tokens`` (the sums of
+    ``num_loss_tokens`` and of ``input_ids.numel()`` over ranks) — what the training loop would otherwise
+    all-reduce before every step.
     """
 
     def __init__(
@@ -93,20 +98,40 @@ class ShardedBatches:
         self.epoch = 0
         self.index = 0
         self._empty = self._empty_row()
+        self._global: tuple[int, list[tuple[int, int]]] | None = None  # (epoch, counts per micro-batch index)
+        self._row_counts: dict[int | None, tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         """Micro-batches per epoch for this rank (the last one may be smaller)."""
         return math.ceil(self.rows_per_rank / self.micro_batch_size)
 
-    def shard(self, epoch: int) -> list[int | None]:
-        """Row indices of this rank for ``epoch``; ``None`` marks an empty padding row."""
+    def shard(self, epoch: int, rank: int | None = None) -> list[int | None]:
+        """Row indices of this rank (or of ``rank``) for ``epoch``; ``None`` marks an empty padding row."""
+        rank = self.rank if rank is None else rank
         n = len(self.rows)
         if self.shuffle:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             perm = list(range(n))
-        mine: list[int | None] = list(perm[self.rank :: self.world_size][: self.rows_per_rank])
+        mine: list[int | None] = list(perm[rank :: self.world_size][: self.rows_per_rank])
         return mine + [None] * (self.rows_per_rank - len(mine))
+
+    def global_counts(self, epoch: int) -> list[tuple[int, int]]:
+        """(loss tokens, tokens) of each micro-batch index of ``epoch``, summed over all ranks' shards: the
+        ``num_loss_tokens`` and ``input_ids.numel()`` that ``collate`` gives each rank's batch."""
+        if self._global is None or self._global[0] != epoch:
+            if self._row_counts is None:  # (loss tokens, length) per row, and for the empty row (index None)
+                self._row_counts = {j: (sum(label != IGNORE_INDEX for label in r.labels[1:]), len(r.input_ids))
+                                    for j, r in [*enumerate(self.rows), (None, self._empty)]}
+            b, counts = self.micro_batch_size, [(0, 0)] * len(self)
+            for rank in range(self.world_size):
+                shard = self.shard(epoch, rank)
+                for i in range(len(self)):
+                    rows = [self._row_counts[j] for j in shard[i * b : (i + 1) * b]]
+                    loss, tokens = sum(r[0] for r in rows), len(rows) * max(r[1] for r in rows)
+                    counts[i] = (counts[i][0] + loss, counts[i][1] + tokens)
+            self._global = (epoch, counts)
+        return self._global[1]
 
     def _empty_row(self) -> PackedRow:
         """A row that trains on nothing; as long as the rows when they all share one length."""
@@ -122,6 +147,7 @@ class ShardedBatches:
         for i in range(start, len(self)):
             rows = [self.rows[j] if j is not None else self._empty for j in shard[i * b : (i + 1) * b]]
             batch = collate(rows, self.pad_id)
+            batch["global_num_loss_tokens"], batch["global_num_tokens"] = self.global_counts(epoch)[i]
             if i + 1 == len(self):
                 self.epoch, self.index = epoch + 1, 0
             else:

@@ -214,3 +214,22 @@ def test_num_loss_tokens_is_the_number_of_terms_in_the_shifted_loss():
     mean = torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, reduction="mean")
     torch.testing.assert_close(total / batch["num_loss_tokens"], mean)
     assert batch["num_loss_tokens"] == sum(len(r.input_ids) - 1 for r in rows)
+
+
+@pytest.mark.parametrize("rows,kw", [
+    (ragged_rows(23), {"micro_batch_size": 3, "world_size": 3}),
+    (ragged_rows(9), {"micro_batch_size": 2, "world_size": 2, "pad_to_equal": True, "shuffle": False}),
+    (packed_rows(10), {"micro_batch_size": 1, "world_size": 4}),
+    (ragged_rows(7), {"micro_batch_size": 4, "world_size": 1}),
+], ids=["ragged-3-ranks", "eval-padding", "packed-4-ranks", "one-rank"])
+def test_every_batch_carries_the_counts_of_all_ranks_together(rows, kw):
+    """What the loop no longer all-reduces before each step: the global batch's answer tokens and tokens."""
+    world = kw["world_size"]
+    per_rank = [take(loader(rows, rank=r, seed=1, **kw).forever(), 3 * len(loader(rows, seed=1, **kw)) + 1)
+                for r in range(world)]
+    for batches in zip(*per_rank, strict=True):
+        loss_tokens = sum(b["num_loss_tokens"] for b in batches)
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        assert all(b["global_num_loss_tokens"] == loss_tokens for b in batches)
+        assert all(b["global_num_tokens"] == tokens for b in batches)
+    assert len({b["global_num_loss_tokens"] for b in per_rank[0]}) > 1 or world == 4  # ragged counts vary
