@@ -207,7 +207,7 @@ def _worker_share(x: MemoryInputs, base_bytes: int, adapter_bytes: int, persiste
 def ddp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
     return EngineState(gradients=w.trainable * 4,
                        optimizer=w.trainable * 8,  # AdamW exp_avg + exp_avg_sq
-                       buffers=w.trainable * 4)  # DistributedDataParallel's flat gradient buckets (a second copy)
+                       buffers=0)  # gradient_as_bucket_view: the gradients are the buckets DDP all-reduces
 
 
 def fsdp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
@@ -307,7 +307,7 @@ def steady_bytes(x: MemoryInputs, w: Weights, state: EngineState, proc: ProcessB
     """What stays allocated between training steps (the base of the eval, save and export phases)."""
     steady = w.weights + w.lora_held + state.optimizer + proc.runtime + proc.mapped
     if x.sharding.engine == "ddp":
-        steady += state.buffers  # DDP's gradient buckets
+        steady += state.gradients  # the gradients are views into DDP's buckets, which persist between steps
     if x.sharding.engine == "deepspeed":
         steady += state.gradients + state.buffers  # ZeRO's gradient partitions and buckets persist between steps
     return steady

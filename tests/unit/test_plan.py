@@ -319,11 +319,11 @@ def test_phase_peaks_attribute_each_peak_to_its_phase():
 def test_a_run_that_does_not_fit_is_refused_with_an_alternative_that_keeps_the_method():
     from distft.plan import PlanRefused, check_plan
 
-    cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp"])  # Llama-2-7B full on DDP: 157.6 GiB of 80
+    cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=ddp"])  # Llama-2-7B full on DDP: 132.3 GiB of 80
     with pytest.raises(PlanRefused) as refused:
         check_plan(cfg)
     message = str(refused.value)
-    assert "needs 157.6 GiB per worker" in message and "hardware.gpu_memory_gb=80" in message
+    assert "needs 132.3 GiB per worker" in message and "hardware.gpu_memory_gb=80" in message
     suggestion = next(line for line in message.splitlines() if line.startswith("Fits with the same method (full)"))
     assert "strategy=" in suggestion and "method=" not in suggestion  # the method is kept
     assert "plan.enforce=false" in message
