@@ -58,14 +58,19 @@ def sql_rows(n: int, start: int = 0) -> list[dict]:
 def viggo_rows(n: int, start: int = 0) -> list[dict]:
     """Rows in GEM/viggo's schema: a meaning representation and the sentence it was written as."""
     games = ["Tomb Raider", "Portal 2", "Dirt: Showdown", "Little Big Adventure", "Halo", "Spore"]
-    functions = ["inform", "request", "give_opinion", "confirm"]
+    # the sentence says which dialogue act it is, as in the dataset
+    functions = {"inform": "{name} is an action-adventure game released in {year}.",
+                 "request": "Have you played {name}, the action-adventure game from {year}?",
+                 "give_opinion": "I think {name}, released in {year}, is a fun action-adventure game.",
+                 "confirm": "So you mean {name}, the action-adventure game that came out in {year}?"}
     rows = []
     for i in range(start, start + n):
-        name, function, year = games[i % len(games)], functions[i % len(functions)], 1990 + i
+        name, year = games[i % len(games)], 1990 + i
+        function, sentence = list(functions.items())[i % len(functions)]
+        target = sentence.format(name=name, year=year)
         rows.append({"gem_id": f"viggo-{i}", "meaning_representation":
                      f"{function}(name[{name}], release_year[{year}], genres[action, adventure])",
-                     "target": f"{name} is an action-adventure game released in {year}.",
-                     "references": [f"{name} is an action-adventure game released in {year}."]})
+                     "target": target, "references": [target]})
     return rows
 
 

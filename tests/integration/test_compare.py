@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distft.compare import run_compare
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, sql_rows, viggo_rows, write_task_dir
 
 pytestmark = pytest.mark.slow
 
@@ -99,15 +99,18 @@ def test_eval_cli_reproduces_training_time_accuracy(compare_dir, tmp_path):
     assert main([str(tmp_path), "--examples", "0"]) == 2  # not an export, bad count: both reported
 
 
-def test_multirun_sweep_gives_each_job_a_run_and_report_picks_best(tmp_path, gsm8k_dir, ray_cluster):
-    """`python -m distft.train -m hydra/launcher=ray_tasks method=full,lora trainer.lr=A,B ...` joining the session's
-    Ray cluster (RAY_ADDRESS), where the four jobs' trainers run two at a time."""
+def test_lora_sweep_preset_as_a_two_by_two_grid_through_ray_reports_accuracy_by_rank_and_lr(
+        tmp_path, gsm8k_dir, ray_cluster):
+    """`python -m distft.train -m +experiment=lora_sweep method.lora_r=8,64 trainer.lr=A,B ...` (the preset's Ray
+    sweep launcher, joining the session's Ray cluster through RAY_ADDRESS, two trainers at a time): every job a run,
+    one W&B group, and the report's best setting and rank x learning-rate grid."""
     import ray
+    import yaml
 
-    from distft.report import write_report
+    from distft.report import RANK_PLOT, write_report
 
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "distft.train", "-m", "hydra/launcher=ray_tasks", "method=full,lora",
+    cmd = [sys.executable, "-m", "distft.train", "-m", "+experiment=lora_sweep", "method.lora_r=8,64",
            "trainer.lr=1e-3,3e-3", *TINY, f"data.path={gsm8k_dir}", f"run.storage_path={tmp_path}", "run.export=false",
            f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -115,20 +118,62 @@ def test_multirun_sweep_gives_each_job_a_run_and_report_picks_best(tmp_path, gsm
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in runs] == ["0-tiny_llama-full-ddp", "1-tiny_llama-full-ddp", "2-tiny_llama-lora-ddp",
-                                      "3-tiny_llama-lora-ddp"]
+    assert [p.name for p in runs] == [f"{i}-tiny_llama-lora-ddp" for i in range(4)]
     summaries = [json.loads((p / "summary.json").read_text()) for p in runs]
+    configs = [yaml.safe_load((p / "config.yaml").read_text()) for p in runs]
     assert [s["status"] for s in summaries] == ["completed"] * 4
-    assert [s["lr"] for s in summaries] == [1e-3, 3e-3, 1e-3, 3e-3]
-    import yaml
-
-    assert {yaml.safe_load((p / "config.yaml").read_text())["logger"]["group"] for p in runs} == {"sweep"}
+    assert [(c["method"]["lora_r"], s["lr"]) for c, s in zip(configs, summaries, strict=True)] == [
+        (8, 1e-3), (8, 3e-3), (64, 1e-3), (64, 3e-3)]
+    assert {c["method"]["lora_alpha"] for c in configs} == {32}  # alpha fixed across ranks, as the preset says
+    assert {c["logger"]["group"] for c in configs} == {"sweep"}
 
     write_report([sweep], wandb="off")
     rows = {r["arm"]: r for r in json.loads((sweep / "report.json").read_text())}
-    assert set(rows) == {"full", "lora"}
-    for arm, pair in (("full", summaries[:2]), ("lora", summaries[2:])):
-        best = max(pair, key=lambda s: (s["eval"]["gsm8k_accuracy"], -s["eval"]["eval_loss"]))
-        assert rows[arm]["runs"] == 2 and rows[arm]["lrs_tried"] == [1e-3, 3e-3]
-        assert rows[arm]["lr"] == best["lr"] and rows[arm]["run_dir"] == best["run_dir"]
-    assert "(0.001, 0.003)" in (sweep / "report.md").read_text()
+    assert set(rows) == {"lora"}
+    best = max(summaries, key=lambda s: (s["eval"]["gsm8k_accuracy"], -s["eval"]["eval_loss"]))
+    assert rows["lora"]["runs"] == 4 and rows["lora"]["lrs_tried"] == [1e-3, 3e-3]
+    assert rows["lora"]["run_dir"] == best["run_dir"]
+    report = (sweep / "report.md").read_text()
+    grid = report.split("## Accuracy by LoRA rank and learning rate")[1].split("\n## ")[0]
+    lines = [line for line in grid.splitlines() if line.startswith("| ")]
+    assert lines[0].split("|")[1:4] == [" lora_r / lr ", " 0.001 ", " 0.003 "]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in lines[1:]}
+    expected = {str(c["method"]["lora_r"]): {} for c in configs}
+    for c, s in zip(configs, summaries, strict=True):
+        expected[str(c["method"]["lora_r"])][s["lr"]] = f"{s['eval']['gsm8k_accuracy']:.3f}"
+    assert cells == {r: [by_lr[1e-3], by_lr[3e-3]] for r, by_lr in expected.items()}
+    assert (sweep / RANK_PLOT).stat().st_size > 1000
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize("task,rows,label,other", [
+    ("sql", sql_rows, "SQL exact match", "SQL execution match"),
+    ("viggo", viggo_rows, "ViGGO exact match", "ViGGO function match")])
+def test_task_compare_reports_its_own_metrics_paired_tests_and_answers(task, rows, label, other, tmp_path,
+                                                                       ray_cluster):
+    """`+experiment=sql_compare` / `viggo_compare` (the three arms of gsm8k_compare on another task) on rows in the
+    dataset's real schema: the report's accuracy is the task's metric, its other metric is a column, and the paired
+    tests and side-by-side answers read the task's per-question verdicts."""
+    data = write_task_dir(tmp_path / "data", rows, train=48, test=8)
+    overrides = [f"+experiment={task}_compare", *TINY, f"run.storage_path={tmp_path}", f"data.path={data}",
+                 "data.seq_len=256", "eval.at_start=true", "compare.arms.full.lr=3e-3", "compare.arms.lora.lr=3e-2",
+                 "compare.arms.qlora.lr=3e-2"]
+    record = run_compare(compose_cfg(overrides), overrides)
+    compare_dir = Path(record["compare_dir"])
+    assert {n: a["status"] for n, a in record["arms"].items()} == dict.fromkeys(("full", "lora", "qlora"),
+                                                                               "completed")
+    for name in record["arms"]:
+        summary = json.loads((compare_dir / name / "summary.json").read_text())
+        assert summary["eval"]["task"] == task and summary["eval"]["num_examples"] == 4
+        predictions = [json.loads(line) for line in (compare_dir / name / "eval_predictions.jsonl").open()]
+        assert sum(p["correct"] for p in predictions) == summary["eval"]["correct"]
+
+    report = (compare_dir / "report.md").read_text()
+    head = report.splitlines()[next(i for i, line in enumerate(report.splitlines()) if line.startswith("| "))]
+    assert f"{label} [95% CI] (n)" in head and head.rstrip(" |").endswith(other)
+    assert "lm-eval strict" not in head
+    for section in ("## Paired comparisons", "## Answers side by side", "## Config differences between arms"):
+        assert section in report, section
+    rows_ = table_rows(compare_dir / "report.md")
+    assert any("base model" in arm for arm in rows_) and {"full", "lora", "qlora"} <= set(rows_)
+    assert all("(n=4)" in cells[3] for cells in rows_.values())
