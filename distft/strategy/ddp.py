@@ -1,6 +1,7 @@
 """DistributedDataParallel: every worker holds the whole model; gradients are averaged."""
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -16,6 +17,12 @@ from distft.strategy.base import (
     Sharding,
     trainable_parameters,
 )
+
+# torch 2.13 renamed the option (broadcast_buffers is deprecated there); older torches (the Docker image's 2.9) lack
+# the new name
+_NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
 
 
 class DDPStrategy:
@@ -50,11 +57,11 @@ class DDPStrategy:
             device_ids = [self.device] if self.device.type == "cuda" else None
             # gradient_as_bucket_view: the gradients are views into the buckets DDP all-reduces, not a second copy
             # (one model's worth of gradient memory less: ~25 GiB for 7B full fine-tuning in fp32).
-            # broadcast_buffers=False: a Llama's only buffers (rotary frequencies) are computed identically on every
-            # rank, so broadcasting them before each forward is a collective for nothing.
+            # No buffer broadcast before each forward: a Llama's only buffers (rotary frequencies) are computed
+            # identically on every rank, so it would be a collective for nothing.
             self._wrapped = DistributedDataParallel(
                 model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters,
-                gradient_as_bucket_view=True, broadcast_buffers=False,
+                gradient_as_bucket_view=True, **_NO_FORWARD_BUFFER_SYNC,
             )
         else:
             self._wrapped = model
