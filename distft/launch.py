@@ -270,11 +270,24 @@ def quiet_local_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def torch_backend(cfg: DictConfig) -> str | None:
+    """The process group's backend; None lets Ray choose (NCCL on GPUs, gloo on CPUs). FSDP with CPU offload keeps
+    gradients as CPU tensors, so clipping needs a CPU collective beside NCCL (as torchtitan sets it up)."""
+    from distft.strategy import strategy_class
+
+    if not cfg.scaling.use_gpu:
+        return None
+    sharding = strategy_class(cfg.strategy.name).sharding(dict(cfg.strategy))
+    if sharding.engine == "fsdp" and (sharding.offload_params or sharding.offload_optimizer):
+        return "cuda:nccl,cpu:gloo"
+    return None
+
+
 def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: RunStorage | None = None,
                   resume_from=None, plan: dict | None = None):
     """Ray Train's TorchTrainer for this run. `resume_from`: (filesystem, path) of run.resume_from, or None."""
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -300,6 +313,7 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: Ru
                            "model_dir": model_dir, "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
+        torch_config=TorchConfig(backend=torch_backend(cfg)),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage.root,

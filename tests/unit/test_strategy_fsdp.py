@@ -193,3 +193,13 @@ def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the
     assert empty.config.use_cache is False
     with pytest.raises(ValueError, match="4-bit"):
         load_model(model_dir, empty=True, quantization_config=object())
+
+
+def test_fsdp_offload_on_gpus_gets_a_cpu_backend_beside_nccl():
+    """GPU_REVIEW #4: with CPUOffloadPolicy the gradients are CPU tensors, and clipping all-reduces them."""
+    from distft.launch import torch_backend
+
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload"])) == "cuda:nccl,cpu:gloo"
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp"])) is None  # Ray's NCCL
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=zero3_offload"])) is None
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", "hardware=cpu"])) is None
