@@ -313,7 +313,7 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: Ru
                            "model_dir": model_dir, "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
-        torch_config=TorchConfig(backend=torch_backend(cfg)),
+        torch_config=TorchConfig(backend=torch_backend(cfg), timeout_s=s.collective_timeout_s),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage.root,

@@ -180,18 +180,31 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device or torch.device("cpu")}
+    elif device is not None and device.type == "cuda" and not _zero3_init():
+        # straight to this rank's GPU, tensor by tensor: a replica per rank never passes through host RAM
+        # (8 ranks x 52 GB of fp32 weights per node at 13B). DeepSpeed's zero.Init partitions while loading instead.
+        kwargs["device_map"] = {"": device}
     try:
         with torch.random.fork_rng(devices=[]):
             model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except OSError as e:
         raise _unreachable(model_dir, e) from e
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed zero.Init placed them already
-    if quantization_config is None and device is not None and not partitioned:
+    if "device_map" not in kwargs and device is not None and not partitioned:
         model.to(device)
     if quantization_config is not None:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False
     return model
+
+
+def _zero3_init() -> bool:
+    """Whether transformers builds models under DeepSpeed's zero.Init (a ZeRO-3 strategy set it up)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:

@@ -110,6 +110,9 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
+    # How long a collective may wait before the process group fails the run. Ranks wait while rank 0 works alone
+    # (checkpoint upload, export and its reload check, merging LoRA at 70B), so GPU presets raise Ray's 1800 s.
+    collective_timeout_s: int = 1800
 
 
 @dataclass

@@ -50,6 +50,9 @@ def validate_config(cfg, *, installed: bool = True) -> None:
                 "trainer.checkpoint_every", "trainer.log_every", "eval.batch_size", "eval.max_new_tokens"):
         if _get(cfg, key) < 1:
             problems.append(f"{key}={_get(cfg, key)} must be at least 1")
+    if s.collective_timeout_s < 60:
+        problems.append(f"scaling.collective_timeout_s={s.collective_timeout_s} is too short for loading and saving "
+                        "(at least 60 seconds; Ray's default is 1800)")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"trainer.max_steps={t.max_steps} must be at least 1 (or null to train trainer.epochs)")
     batch = batch_problem(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,

@@ -153,3 +153,16 @@ def test_flash_attention_with_packed_multi_row_batches_is_refused_on_the_gpu_pre
                                           "model.attn_implementation=flash_attention_2"]))
     assert any("needs CUDA workers" in p for p in cpu) and any("trainer.precision=bf16" in p for p in cpu)
     assert attention_problems(compose_cfg(["+experiment=gsm8k_lora"])) == []  # sdpa: packing is kept apart
+
+
+@pytest.mark.parametrize("preset,memory,tflops", [("a100_40gb_8x", 40, 312), ("a100_80gb_8x", 80, 312),
+                                                  ("h100_8x", 80, 989.4), ("gpu_8x", 80, 989.4)])
+def test_gpu_presets_carry_their_gpus_memory_and_peak(preset, memory, tflops):
+    from distft.plan import plan_config
+
+    cfg = compose_cfg(["+experiment=gsm8k_lora", f"hardware={preset}"])
+    assert (cfg.hardware.name, cfg.hardware.gpu_memory_gb, cfg.hardware.peak_tflops) == (preset, memory, tflops)
+    assert cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu and cfg.trainer.precision == "bf16"
+    validate_config(cfg, installed=False)
+    plan = plan_config(cfg)
+    assert plan.capacity_bytes == memory * 2**30 and plan.fits  # Llama-2-7B LoRA fits every one of them

@@ -43,3 +43,31 @@ def test_wandb_log_failure_disables_wandb_but_not_training(tmp_path, monkeypatch
                          config={}, resume=False)
     logger.log({"loss": 1.0}, step=1)
     assert logger.run is None and "disabling W&B" in caplog.text
+
+
+def test_a_gpu_replica_loads_straight_onto_its_device(monkeypatch):
+    """GPU_REVIEW #10: from_pretrained with device_map={"": cuda:k}, not a host copy per rank moved afterwards; on
+    CPU (and under DeepSpeed's zero.Init) the model loads as before."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import distft.model
+    from tests.conftest import tiny_model_dir
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(path, **{k: v for k, v in kwargs.items() if k != "device_map"})
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    cuda = torch.device("cuda", 3)
+    load_model(tiny_model_dir(), device=cuda)  # the spy loads on CPU; no .to(cuda) may follow a device_map
+    load_model(tiny_model_dir(), device=torch.device("cpu"))
+    monkeypatch.setattr(distft.model, "_zero3_init", lambda: True)
+    try:
+        load_model(tiny_model_dir(), device=cuda)
+    except (RuntimeError, AssertionError):  # without CUDA the move after loading fails: that it was tried is enough
+        pass
+    assert seen == [{"": cuda}, None, None]

@@ -203,3 +203,14 @@ def test_fsdp_offload_on_gpus_gets_a_cpu_backend_beside_nccl():
     assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp"])) is None  # Ray's NCCL
     assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=zero3_offload"])) is None
     assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", "hardware=cpu"])) is None
+
+
+def test_the_trainer_gets_the_backend_and_the_presets_collective_timeout(tmp_path):
+    """GPU_REVIEW #9: ranks wait in collectives while rank 0 exports alone; the GPU presets give them an hour."""
+    from distft.launch import build_trainer
+
+    for hardware, backend, timeout in (("h100_8x", "cuda:nccl,cpu:gloo", 3600), ("cpu", "gloo", 1800)):  # None: Ray picks gloo on CPU
+        cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", f"hardware={hardware}",
+                           f"run.storage_path={tmp_path}"])
+        config = build_trainer(cfg, run_dir=tmp_path / "run", model_dir=str(tmp_path)).backend_config
+        assert (config.backend, config.timeout_s) == (backend, timeout)
