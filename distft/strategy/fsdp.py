@@ -316,10 +316,27 @@ def _prepare_4bit_layers(model: torch.nn.Module, param_dtype: torch.dtype | None
     if param_dtype is None:
         return
     for name, p in model.named_parameters():
-        if type(p).__name__ == "Params4bit" and p.dtype.is_floating_point:
+        if type(p).__name__ != "Params4bit":
+            continue
+        if p.dtype.is_floating_point:
             problem = quant_storage_problem(dtype_name(p.dtype), dtype_name(param_dtype))
             if problem:
                 raise ValueError(f"{name}: {problem}")
+        elif not fsdp_keeps_integer_params():
+            raise ValueError(f"{name}: 4-bit weights stored as {dtype_name(p.dtype)} under FSDP mixed precision need "
+                             f"torch >= {'.'.join(map(str, INTEGER_SAFE_TORCH))} (this worker has {torch.__version__}, whose FSDP2 casts "
+                             f"them to {dtype_name(param_dtype)}); set method.quant_storage={dtype_name(param_dtype)}, "
+                             "or upgrade torch on the workers")
+
+
+# FSDP2 leaves integer (uint8-packed 4-bit) parameters uncast under a MixedPrecisionPolicy from this torch on; 2.9.1
+# (the Docker base image's) casts them and bitsandbytes then dequantises garbage (GPU_REVIEW #3).
+INTEGER_SAFE_TORCH = (2, 13)
+
+
+def fsdp_keeps_integer_params(version: str | None = None) -> bool:
+    major, minor = (int(x) for x in (version or torch.__version__).split("+")[0].split(".")[:2])
+    return (major, minor) >= INTEGER_SAFE_TORCH
 
 
 def quant_storage_problem(quant_storage: str | None, param_dtype: str) -> str | None:

@@ -81,6 +81,20 @@ def test_4bit_layers_leave_the_cpu_repacking_kernel_and_mixed_precision_refuses_
     _prepare_4bit_layers(uint8, param_dtype=torch.bfloat16)  # integer storage is not cast: fine
 
 
+def test_uint8_4bit_weights_under_fsdp_bf16_are_refused_on_a_torch_that_casts_them(monkeypatch):
+    """GPU_REVIEW #3: torch 2.9.1's FSDP2 (the Docker base image's) casts integer parameters to the param dtype."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import distft.strategy.fsdp as fsdp
+
+    assert not fsdp.fsdp_keeps_integer_params("2.9.1+cu128") and fsdp.fsdp_keeps_integer_params("2.13.0")
+    assert fsdp.fsdp_keeps_integer_params("2.14.0.dev20261101+cu130") and fsdp.fsdp_keeps_integer_params()
+    monkeypatch.setattr(fsdp, "fsdp_keeps_integer_params", lambda: False)
+    uint8 = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4").to("cpu"))
+    with pytest.raises(ValueError, match=r"torch >= 2\.13.*method\.quant_storage=bf16"):
+        _prepare_4bit_layers(uint8, param_dtype=torch.bfloat16)
+    _prepare_4bit_layers(uint8, param_dtype=None)  # fp32 FSDP: nothing is cast
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     if dist.is_initialized():
