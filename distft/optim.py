@@ -2,10 +2,16 @@
 
 import torch
 
+from distft.settings import BNB_OPTIMIZERS
+
 
 def build_optimizer(params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                    weight_decay: float, name: str = "adamw") -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, *, warmup: int, total: int,

@@ -224,7 +224,7 @@ def prepare_strategy(strategy: Strategy, model: torch.nn.Module, trainer, *, lr:
     strategy.prepare(
         model,
         build_optimizer=partial(build_optimizer, lr=lr, betas=tuple(trainer.betas), eps=trainer.eps,
-                                weight_decay=trainer.weight_decay),
+                                weight_decay=trainer.weight_decay, name=trainer.optimizer),
         build_scheduler=partial(build_scheduler, schedule=trainer.lr_schedule, warmup=warmup, total=max_steps,
                                 min_lr_ratio=trainer.min_lr_ratio),
     )

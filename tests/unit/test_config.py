@@ -166,3 +166,13 @@ def test_gpu_presets_carry_their_gpus_memory_and_peak(preset, memory, tflops):
     validate_config(cfg, installed=False)
     plan = plan_config(cfg)
     assert plan.capacity_bytes == memory * 2**30 and plan.fits  # Llama-2-7B LoRA fits every one of them
+
+
+def test_bitsandbytes_optimizers_are_refused_where_the_optimizer_sees_shards(data_dir):
+    base = ["+experiment=gsm8k_qlora", "model=smollm2_135m", "hardware=cpu", f"data.path={data_dir}"]
+    validate_config(compose_cfg([*base, "strategy=ddp", "trainer.optimizer=paged_adamw_8bit"]))
+    with pytest.raises(ConfigError) as e:
+        validate_config(compose_cfg([*base, "strategy=fsdp", "trainer.optimizer=paged_adamw_8bit"]))
+    assert "strategy=ddp" in str(e.value) and "trainer.optimizer=adamw" in str(e.value)
+    with pytest.raises(ConfigError, match="trainer.optimizer=sgd is not one of adamw, adamw_8bit"):
+        validate_config(compose_cfg([*base, "trainer.optimizer=sgd"]))

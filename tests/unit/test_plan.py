@@ -484,3 +484,12 @@ def test_every_example_in_planner_md_runs(capsys):
     assert len(examples) >= 3
     for args in examples:
         assert plan_main([*args, "--no-count", "--top=1"]) == 0, args
+
+
+def test_8bit_optimizer_states_take_a_quarter_of_adamws_in_the_plan():
+    from distft.plan import plan_config
+
+    base = ["+experiment=gsm8k_full", "model=llama2_7b", "strategy=ddp", "hardware=gpu_1x"]
+    adamw = plan_config(compose_cfg(base)).train["optimizer"]
+    eight = plan_config(compose_cfg([*base, "trainer.optimizer=paged_adamw_8bit"])).train["optimizer"]
+    assert adamw == 4 * eight and adamw / 2**30 == pytest.approx(8 * 6.74e9 / 2**30, rel=0.02)

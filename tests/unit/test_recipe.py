@@ -204,3 +204,21 @@ def test_each_task_is_scored_by_its_own_metric_before_and_after_training(task, r
         assert all(test[i][key] in p["prompt"] for i, p in enumerate(written))
         assert all(isinstance(p["correct"], bool) and isinstance(p["output"], str) for p in written)
         assert sum(p["correct"] for p in written) == scores["correct"]
+
+
+def test_bitsandbytes_optimizers_train_and_paged_32bit_follows_torch_adamw(gsm8k_dir, tmp_path):
+    """trainer.optimizer (the QLoRA recipe's paged AdamW), on full fine-tuning so that some tensors are large enough
+    for bitsandbytes' 8-bit states (>= 4096 elements): the 32-bit paged optimizer takes AdamW's steps, the 8-bit
+    one its own (quantised moments), and both train."""
+    pytest.importorskip("bitsandbytes")
+    curves = {}
+    for name in ("adamw", "paged_adamw_32bit", "adamw_8bit"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        run_training(_cfg(gsm8k_dir, "method=full", "trainer.lr=1e-3", f"trainer.optimizer={name}",
+                          "eval.enabled=false", "run.export=false"),
+                     WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir()))
+        curves[name] = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+    assert curves["paged_adamw_32bit"] == pytest.approx(curves["adamw"], rel=1e-4)  # on CPU it is not paged
+    eight = curves["adamw_8bit"]
+    assert eight[STEPS] < eight[1] and eight != curves["adamw"]
