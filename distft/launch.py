@@ -28,6 +28,8 @@ from distft.worker import train_worker
 # Variables the workers need to see exactly as the driver does.
 PASS_THROUGH_ENV = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE",
                     "DISTFT_FAULT_AT_STEP")
+# NCCL's own settings and libfabric's (AWS EFA): set on the driver, they reach every worker
+PASS_THROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "FI_")
 
 
 def launch(cfg: DictConfig) -> dict:
@@ -298,6 +300,7 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: Ru
         "OMP_NUM_THREADS": str(max(1, int(s.cpus_per_worker))),
         "DISTFT_CACHE": str(cache_dir()),
         **{k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ},
+        **{k: v for k, v in os.environ.items() if k.startswith(PASS_THROUGH_PREFIXES)},
         **{str(k): str(v) for k, v in cfg.run.env.items()},
     }
     if not s.use_gpu:

@@ -1,11 +1,12 @@
-"""launch/: the cluster files parse and say what they must; the submit wrapper builds the job it should."""
+"""launch/ and distft.launch: the cluster files parse and say what they must; the submit wrapper builds the job it
+should; the Ray trainer gets the process-group backend, timeout and environment a GPU cluster needs."""
 
 import importlib.util
 import subprocess
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_cfg
 
 LAUNCH = REPO / "launch"
 
@@ -81,3 +82,35 @@ def test_docker_images_install_what_a_cluster_node_needs():
         assert package in extras
     makefile = (REPO / "Makefile").read_text()
     assert "docker build -f docker/Dockerfile -t" in makefile and "docker build -f docker/Dockerfile.cpu -t" in makefile
+
+
+def test_fsdp_offload_on_gpus_gets_a_cpu_backend_beside_nccl():
+    """GPU_REVIEW #4: with CPUOffloadPolicy the gradients are CPU tensors, and clipping all-reduces them."""
+    from distft.launch import torch_backend
+
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload"])) == "cuda:nccl,cpu:gloo"
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp"])) is None  # Ray's NCCL
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=zero3_offload"])) is None
+    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", "hardware=cpu"])) is None
+
+
+def test_the_trainer_gets_the_backend_and_the_presets_collective_timeout(tmp_path):
+    """GPU_REVIEW #9: ranks wait in collectives while rank 0 exports alone; the GPU presets give them an hour."""
+    from distft.launch import build_trainer
+
+    for hardware, backend, timeout in (("h100_8x", "cuda:nccl,cpu:gloo", 3600), ("cpu", "gloo", 1800)):  # None: Ray picks gloo on CPU
+        cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", f"hardware={hardware}",
+                           f"run.storage_path={tmp_path}"])
+        config = build_trainer(cfg, run_dir=tmp_path / "run", model_dir=str(tmp_path)).backend_config
+        assert (config.backend, config.timeout_s) == (backend, timeout)
+
+
+def test_nccl_and_efa_settings_on_the_driver_reach_the_workers(tmp_path, monkeypatch):
+    from distft.launch import build_trainer
+
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ens5")
+    monkeypatch.setenv("FI_PROVIDER", "efa")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=h100_8x", f"run.storage_path={tmp_path}"])
+    env = build_trainer(cfg, run_dir=tmp_path / "run", model_dir=str(tmp_path)).run_config.worker_runtime_env
+    assert {"NCCL_SOCKET_IFNAME": "ens5", "FI_PROVIDER": "efa", "HF_TOKEN": "hf_x"}.items() <= env["env_vars"].items()

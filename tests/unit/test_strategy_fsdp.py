@@ -208,23 +208,3 @@ def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the
     with pytest.raises(ValueError, match="4-bit"):
         load_model(model_dir, empty=True, quantization_config=object())
 
-
-def test_fsdp_offload_on_gpus_gets_a_cpu_backend_beside_nccl():
-    """GPU_REVIEW #4: with CPUOffloadPolicy the gradients are CPU tensors, and clipping all-reduces them."""
-    from distft.launch import torch_backend
-
-    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload"])) == "cuda:nccl,cpu:gloo"
-    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp"])) is None  # Ray's NCCL
-    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=zero3_offload"])) is None
-    assert torch_backend(compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", "hardware=cpu"])) is None
-
-
-def test_the_trainer_gets_the_backend_and_the_presets_collective_timeout(tmp_path):
-    """GPU_REVIEW #9: ranks wait in collectives while rank 0 exports alone; the GPU presets give them an hour."""
-    from distft.launch import build_trainer
-
-    for hardware, backend, timeout in (("h100_8x", "cuda:nccl,cpu:gloo", 3600), ("cpu", "gloo", 1800)):  # None: Ray picks gloo on CPU
-        cfg = compose_cfg(["+experiment=gsm8k_full", "strategy=fsdp_offload", f"hardware={hardware}",
-                           f"run.storage_path={tmp_path}"])
-        config = build_trainer(cfg, run_dir=tmp_path / "run", model_dir=str(tmp_path)).backend_config
-        assert (config.backend, config.timeout_s) == (backend, timeout)
