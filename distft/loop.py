@@ -46,7 +46,8 @@ def steady_throughput(tokens: list[int], seconds: list[float]) -> float | None:
 def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_accum: int, max_grad_norm: float,
           world: int, device: torch.device, tracker: RunTracker, checkpointer: Checkpointer, faults: Faults,
           memory: dist.PhasePeaks, stop: StopCheck = NO_STOP,
-          after_save: Callable[[], None] = lambda: None, preflight: bool = False) -> LoopResult:
+          after_save: Callable[[], None] = lambda: None, preflight: bool = False,
+          loss_chunk_tokens: int | None = None) -> LoopResult:
     """Train from `step` to `max_steps` (preflight: one step), checkpointing on the checkpointer's schedule."""
     stream = batches.forever()
     strategy.model.train()
@@ -57,7 +58,8 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(grad_accum)]
         loss, answer_tokens, result.stopped = forward_backward(strategy, micro, step=result.step + 1, world=world,
-                                                               device=device, faults=faults, stop=stop)
+                                                               device=device, faults=faults, stop=stop,
+                                                               loss_chunk_tokens=loss_chunk_tokens)
         lr = strategy.current_lr()
         grad_norm = strategy.step(max_grad_norm)
         result.step += 1
@@ -84,7 +86,8 @@ def train(strategy, batches: ShardedBatches, *, step: int, max_steps: int, grad_
 
 
 def forward_backward(strategy, micro: list[dict], *, step: int, world: int, device: torch.device,
-                     faults: Faults, stop: StopCheck = NO_STOP) -> tuple[float, int, str | None]:
+                     faults: Faults, stop: StopCheck = NO_STOP,
+                     loss_chunk_tokens: int | None = None) -> tuple[float, int, str | None]:
     """Forward and backward over one optimizer step's micro-batches. Returns (mean loss per answer token over the
     global batch, answer tokens of the global batch, the agreed stop reason or None); raises before the update if
     the loss is not finite.
@@ -102,7 +105,7 @@ def forward_backward(strategy, micro: list[dict], *, step: int, world: int, devi
         with strategy.sync_context(sync=i == len(micro) - 1):
             with strategy.forward_context():
                 logits = strategy.model(**model_inputs(batch, device)).logits
-            token_loss = causal_lm_loss_sum(logits, batch["labels"].to(device))
+            token_loss = causal_lm_loss_sum(logits, batch["labels"], chunk_tokens=loss_chunk_tokens)
             strategy.backward(token_loss * scale)
         loss_sum += token_loss.detach().double()
     loss_sum = torch.as_tensor(faults.at_step(step, loss_sum), dtype=torch.float64, device=device)

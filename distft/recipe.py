@@ -111,6 +111,7 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
                          max_grad_norm=cfg.trainer.max_grad_norm, world=ctx.world, device=ctx.device,
                          tracker=tracker, checkpointer=checkpointer, faults=Faults(ctx.rank, ctx.run_dir),
                          memory=memory, stop=stop, preflight=cfg.preflight,
+                         loss_chunk_tokens=cfg.trainer.loss_chunk_tokens,
                          after_save=lambda: hooks.upload("metrics.jsonl"))
     stop.steps_done = trained.step
     if trained.stopped:

@@ -137,6 +137,10 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (fp16 is refused: no loss scaling)
     gradient_checkpointing: bool = False
+    # Cross-entropy this many positions at a time (each chunk's log-softmax recomputed in backward): no
+    # full-vocabulary fp32 tensor of the micro-batch beyond the logits. Same gradients; the logged loss may differ
+    # in the last bits (summation order). None: one cross-entropy over the micro-batch.
+    loss_chunk_tokens: Optional[int] = None
     seed: int = 42
     log_every: int = 1
     checkpoint_every: int = 100  # steps; a final checkpoint is always written

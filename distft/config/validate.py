@@ -60,6 +60,8 @@ def validate_config(cfg, *, installed: bool = True) -> None:
                           world=s.num_workers)
     if batch:
         problems.append(batch)
+    if t.loss_chunk_tokens is not None and t.loss_chunk_tokens < 1:
+        problems.append(f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} must be at least 1 (or null: no chunking)")
     if t.lr is not None and t.lr <= 0:
         problems.append(f"trainer.lr={t.lr} must be positive")
     if cfg.eval.fewshot < 0:

@@ -78,7 +78,8 @@ def memory_inputs(cfg) -> MemoryInputs:
         export=cfg.run.export, gpus_per_node=gpus_per_node(cfg),
         rank0_load=settings.rank0_load(cfg.strategy.rank0_load, shards_parameters=sharding.shards_parameters,
                                        quantized=m.name == "qlora"),
-        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env, optimizer=t.optimizer)
+        cpu_malloc_pinned="MALLOC_MMAP_THRESHOLD_" in cfg.run.env, optimizer=t.optimizer,
+        loss_chunk_tokens=t.loss_chunk_tokens)
 
 
 def gpus_per_node(cfg) -> int:

@@ -170,7 +170,8 @@ def activation_table(cfg, plan: Plan) -> str:
             both = [activation_bytes(plan.shape, method=m.name, micro_batch_size=mb, seq_len=seq,
                                      act_bytes=2 if cfg.trainer.precision == "bf16" else 4,
                                      packing=cfg.data.packing, gradient_checkpointing=gc, lora_r=m.lora_r,
-                                     lora_dropout=m.lora_dropout, target_modules=list(m.target_modules))
+                                     lora_dropout=m.lora_dropout, target_modules=list(m.target_modules),
+                                     loss_chunk_tokens=cfg.trainer.loss_chunk_tokens)
                     for gc in (False, True)]
             cells.append(f"{gib(both[0])} / {gib(both[1])}")
         rows.append(f"{mb:>11} " + "".join(f"{c:>16}" for c in cells))

@@ -97,6 +97,7 @@ class MemoryInputs:
     gpus_per_node: int = 8  # workers of this run on one node (memory_inputs: min(hardware.gpus_per_node, world))
     rank0_load: bool = False
     cpu_malloc_pinned: bool = True
+    loss_chunk_tokens: int | None = None  # trainer.loss_chunk_tokens
     optimizer: str = "adamw"  # trainer.optimizer (8-bit moments: 2 bytes per parameter; sharded engines: adamw only)
 
     @property
@@ -295,7 +296,8 @@ def train_components(shape: ModelShape, x: MemoryInputs, w: Weights, state: Engi
     """The training step's peak by component."""
     acts = activation_bytes(shape, method=x.method, micro_batch_size=x.micro_batch_size, seq_len=x.seq_len,
                             act_bytes=x.act_bytes, packing=x.packing, gradient_checkpointing=x.gradient_checkpointing,
-                            lora_r=x.lora_r, lora_dropout=x.lora_dropout, target_modules=x.target_modules)
+                            lora_r=x.lora_r, lora_dropout=x.lora_dropout, target_modules=x.target_modules,
+                            loss_chunk_tokens=x.loss_chunk_tokens)
     # bf16 autocast keeps a bf16 copy of every fp32 weight it casts (DDP full fine-tuning) until the forward and
     # backward are done: a weights term, not activations
     autocast_copies = w.total * 2 if x.sharding.engine == "ddp" and x.method == "full" and x.act_bytes == 2 else 0
@@ -396,7 +398,7 @@ def _deepspeed_bf16(x: MemoryInputs) -> bool:
 
 def activation_bytes(shape: ModelShape, *, method: str, micro_batch_size: int, seq_len: int, act_bytes: int,
                      packing: bool, gradient_checkpointing: bool, lora_r: int, lora_dropout: float,
-                     target_modules) -> int:
+                     target_modules, loss_chunk_tokens: int | None = None) -> int:
     """Bytes alive at the end of the forward pass of one micro-batch (saved for backward) plus the LM head's
     transient logits, log-softmax and their gradients.
 
@@ -416,7 +418,10 @@ def activation_bytes(shape: ModelShape, *, method: str, micro_batch_size: int, s
             per_token += int(sum(i for i, _ in targets) * (act_bytes + DROPOUT_MASK_BYTES))
     mask = MASK_BYTES_PER_POSITION_PAIR * micro_batch_size * seq_len**2 if packing else 0
     layer = tokens * per_token + mask
-    head = tokens * shape.vocab * (act_bytes + HEAD_EXTRA_BYTES)
+    if loss_chunk_tokens:  # the logits and their gradient whole; the fp32 loss temporaries of one chunk
+        head = tokens * shape.vocab * 2 * act_bytes + min(loss_chunk_tokens, tokens) * shape.vocab * HEAD_EXTRA_BYTES
+    else:
+        head = tokens * shape.vocab * (act_bytes + HEAD_EXTRA_BYTES)
     if gradient_checkpointing:
         # only each layer's input is kept; one layer's activations are recomputed at a time during backward
         return L * tokens * d * act_bytes + layer + head

@@ -21,6 +21,22 @@ def test_loss_sum_counts_only_answer_tokens_after_the_shift():
     assert torch.allclose(causal_lm_loss_sum(logits, labels), expected)
 
 
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 49, 1000])
+def test_chunked_loss_gives_the_same_gradients_and_the_loss_up_to_summation_order(chunk):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50, 257, requires_grad=True)
+    labels = torch.randint(0, 257, (3, 50))
+    labels[:, :20] = -100  # prompts
+    labels[1] = -100  # a row without an answer: its chunks are skipped
+    whole = causal_lm_loss_sum(logits, labels)
+    (expected,) = torch.autograd.grad(whole, logits)
+    chunked = causal_lm_loss_sum(logits, labels, chunk_tokens=chunk)
+    (got,) = torch.autograd.grad(chunked, logits)
+    assert torch.equal(got, expected)  # per-logit gradients do not depend on how the sum is split
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
+    assert float(causal_lm_loss_sum(logits, torch.full_like(labels, -100), chunk_tokens=chunk)) == 0.0
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_schedule_warms_up_then_decays(schedule):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
