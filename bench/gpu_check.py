@@ -145,8 +145,14 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def part_overrides(ctx: dict, part: str, *, method: str, strategy: str = "ddp", extra: tuple[str, ...] = ()) -> list[str]:
+    """The overrides of one run of `part`, at the part's shape, sequence length, micro-batch and steps."""
+    shape, seq_len, micro, steps = ctx["sizes"][part]
+    return overrides(method=method, strategy=strategy, shape=shape, seq_len=seq_len, micro=micro, steps=steps,
+                     extra=extra, **ctx["common"])
+
+
 def part_matrix(ctx: dict) -> dict:
-    shape, seq_len, micro, steps = ctx["sizes"]["matrix"]
     strategies = ["ddp", "fsdp"] + (["zero2", "zero3"] if available("deepspeed") else [])
     methods = ["full", "lora"] + (["qlora"] if available("bitsandbytes") else [])
     out = {"skipped": ([] if available("deepspeed") else ["zero2, zero3: deepspeed does not import"]) +
@@ -158,16 +164,14 @@ def part_matrix(ctx: dict) -> dict:
         name = f"{strategy}-{method}"
         # FSDP2 shards 4-bit weights stored in the compute dtype (GPU_REVIEW #3)
         extra = ("method.quant_storage=bf16",) if method == "qlora" and strategy == "fsdp" and ctx["gpu"] else ()
-        over = overrides(method=method, strategy=strategy, shape=shape, seq_len=seq_len, micro=micro, steps=steps,
-                         extra=extra, **ctx["common"])
+        over = part_overrides(ctx, "matrix", method=method, strategy=strategy, extra=extra)
         out[name] = guarded(lambda over=over, name=name: run_recipe(over, ctx["root"], name, ctx["gpu"]))
     return out
 
 
 def part_mfu(ctx: dict) -> dict:
-    shape, seq_len, micro, steps = ctx["sizes"]["mfu"]
-    over = overrides(method="full", strategy="ddp", shape=shape, seq_len=seq_len, micro=micro, steps=steps,
-                     extra=("run.export=false", "trainer.gradient_checkpointing=false"), **ctx["common"])
+    over = part_overrides(ctx, "mfu", method="full",
+                          extra=("run.export=false", "trainer.gradient_checkpointing=false"))
     run = run_recipe(over, ctx["root"], "mfu", ctx["gpu"])
     peak = run["peak_tflops"]
     run["mfu"] = run["flops_per_token"] * run["steady_tokens_per_second"] / (peak * 1e12) if peak else None
@@ -175,21 +179,17 @@ def part_mfu(ctx: dict) -> dict:
 
 
 def part_lora7b(ctx: dict) -> dict:
-    shape, seq_len, micro, steps = ctx["sizes"]["lora7b"]
-    over = overrides(method="lora", strategy="ddp", shape=shape, seq_len=seq_len, micro=micro, steps=steps,
-                     extra=("run.export=false", "trainer.lr_schedule=constant"), **ctx["common"])
+    over = part_overrides(ctx, "lora7b", method="lora", extra=("run.export=false", "trainer.lr_schedule=constant"))
     distft = run_recipe(over, ctx["root"], "lora7b", ctx["gpu"])
-    hf = hf_trainer(over, distft["model_dir"], ctx["root"] / "lora7b-hf", ctx["gpu"], steps=steps)
+    hf = hf_trainer(over, distft["model_dir"], ctx["root"] / "lora7b-hf", ctx["gpu"], steps=ctx["sizes"]["lora7b"][3])
     return {"distft": distft, "hf_trainer_peft": hf,
             "distft_vs_hf": distft["steady_tokens_per_second"] / hf["steady_tokens_per_second"]}
 
 
 def part_qlora7b(ctx: dict) -> dict:
-    shape, seq_len, micro, steps = ctx["sizes"]["qlora7b"]
     if not available("bitsandbytes"):
         return {"skipped": "bitsandbytes does not import"}
-    over = overrides(method="qlora", strategy="ddp", shape=shape, seq_len=seq_len, micro=micro, steps=steps,
-                     extra=("run.export=false",), **ctx["common"])
+    over = part_overrides(ctx, "qlora7b", method="qlora", extra=("run.export=false",))
     return run_recipe(over, ctx["root"], "qlora7b", ctx["gpu"])
 
 

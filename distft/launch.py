@@ -275,11 +275,11 @@ def quiet_local_workers() -> None:
 def torch_backend(cfg: DictConfig) -> str | None:
     """The process group's backend; None lets Ray choose (NCCL on GPUs, gloo on CPUs). FSDP with CPU offload keeps
     gradients as CPU tensors, so clipping needs a CPU collective beside NCCL (as torchtitan sets it up)."""
-    from distft.strategy import strategy_class
+    from distft.strategy import strategy_sharding
 
     if not cfg.scaling.use_gpu:
         return None
-    sharding = strategy_class(cfg.strategy.name).sharding(dict(cfg.strategy))
+    sharding = strategy_sharding(cfg.strategy.name, dict(cfg.strategy))
     if sharding.engine == "fsdp" and (sharding.offload_params or sharding.offload_optimizer):
         return "cuda:nccl,cpu:gloo"
     return None

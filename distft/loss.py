@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from distft.data.format import IGNORE_INDEX
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int | None = None) -> torch.Tensor:

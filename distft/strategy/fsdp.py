@@ -335,8 +335,9 @@ INTEGER_SAFE_TORCH = (2, 13)
 
 
 def fsdp_keeps_integer_params(version: str | None = None) -> bool:
-    major, minor = (int(x) for x in (version or torch.__version__).split("+")[0].split(".")[:2])
-    return (major, minor) >= INTEGER_SAFE_TORCH
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(version or torch.__version__) >= INTEGER_SAFE_TORCH
 
 
 def quant_storage_problem(quant_storage: str | None, param_dtype: str) -> str | None:
