@@ -186,7 +186,7 @@ def quant_config(method, run: RunSettings):
     if not run.quantized:
         return None
     return quantization_config(quant_type=method.quant_type, double_quant=method.double_quant,
-                               compute_dtype=run.compute_dtype, quant_storage=method.quant_storage)
+                               compute_dtype=run.compute_dtype, quant_storage=run.quant_storage)
 
 
 def build_data(cfg, ctx: WorkerContext, tokenizer, run: RunSettings) -> TrainData:

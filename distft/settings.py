@@ -72,10 +72,14 @@ class RunSettings:
     compute_dtype: str
     load_dtype: str
     quantized: bool
+    quant_storage: str | None = None  # how the packed 4-bit weights are stored (None: uint8)
 
 
 def run_settings(cfg, *, world: int) -> RunSettings:
     t, m = cfg.trainer, cfg.method
+    # ZeRO-3 gathers parameters in groups of one dtype: QLoRA's 4-bit weights there are stored as bf16 like the rest
+    # (peft's DeepSpeed QLoRA recipe); elsewhere uint8 unless method.quant_storage says otherwise
+    zero3_bf16 = cfg.strategy.get("zero_stage") == 3 and t.precision == "bf16"
     return RunSettings(
         grad_accum=grad_accum(global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                               world=world),
@@ -83,4 +87,5 @@ def run_settings(cfg, *, world: int) -> RunSettings:
         compute_dtype=compute_dtype(compute=m.compute_dtype, precision=t.precision),
         load_dtype=load_dtype(m.name, precision=t.precision, compute=m.compute_dtype),
         quantized=m.name == "qlora",
+        quant_storage=m.quant_storage or ("bf16" if m.name == "qlora" and zero3_bf16 else None),
     )

@@ -215,13 +215,15 @@ def ddp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
 def fsdp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
     """Sharded fp32 gradients (reduce dtype fp32) and AdamW states; one decoder layer gathered plus the next one
     prefetched; the root (embeddings, norm, LM head) stays gathered; the layer's unsharded gradients before
-    reduce-scatter."""
+    reduce-scatter. Full fine-tuning reduce-scatters every micro-batch; LoRA/QLoRA accumulate their adapters'
+    gradients unsharded across micro-batches (FSDPStrategy.sync_context)."""
     pb = x.act_bytes
     layer = shape.layer_params()
     gathered_dtype = pb if x.method != "qlora" else w.per_param
     root_dtype = pb if x.method == "full" else w.per_param
     layer_trainable = layer if x.method == "full" else w.lora // max(shape.layers, 1)
-    state = EngineState(gradients=w.trainable * 4 // x.world, optimizer=w.trainable * 8 // x.world,
+    grads = w.trainable * 4 // (x.world if x.method == "full" else 1)
+    state = EngineState(gradients=grads, optimizer=w.trainable * 8 // x.world,
                         buffers=int(2 * layer * gathered_dtype + shape.root_params() * root_dtype
                                     + layer_trainable * 4))
     state.notes.append(f"FSDP: all-gather of one decoder layer {layer * gathered_dtype / GiB:.3f} GiB (x2 with the "
@@ -234,20 +236,24 @@ def fsdp_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
 
 def deepspeed_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineState:
     """ZeRO: fp32 master copy + Adam moments partitioned (12 bytes/param / N, ZeRO paper), kept even in fp32
-    training (DeepSpeed clones the fp32 partition). The gradient bucket is allocated at its full configured size
-    whatever the model's size (stage3.py: `torch.empty(self.reduce_bucket_size, ...)`; stage_1_and_2.py
-    setup_buckets, two with overlap_comm): 2 GB in fp32 at the default 5e8 elements, even for a LoRA run."""
+    training (DeepSpeed clones the fp32 partition). Gradients accumulate in fp32 and are reduced in fp32 in bf16 runs
+    too (distft.strategy.deepspeed.build_config sets data_types.grad_accum_dtype and communication_data_type). The
+    gradient bucket is allocated at its full configured size whatever the model's size (stage3.py:
+    `torch.empty(self.reduce_bucket_size, dtype=<communication dtype>)`; stage_1_and_2.py setup_buckets, in the
+    model dtype under ZeRO-2, two with overlap_comm): 2 GB in fp32 at the default 5e8 elements, even for a LoRA run.
+    bf16 ZeRO-1 without offload runs DeepSpeed's BF16_Optimizer instead (engine._do_optimizer_sanity_check): an
+    fp32 gradient buffer as large as the trainable parameters plus their bf16 gradients, all-reduced in place."""
     stage, zc = x.sharding.zero_stage, x.zero_config
-    grad_bytes = 2 if _deepspeed_bf16(x) else 4
+    bf16 = _deepspeed_bf16(x)
+    bucket_bytes = 2 if bf16 and stage == 2 else 4
     n_buckets = 2 if stage < 3 and zc.get("overlap_comm", False) else 1
-    reduce_bucket = zc["reduce_bucket_size"] * grad_bytes * n_buckets
-    if stage == 1:
-        grads = w.trainable * grad_bytes
-    elif stage == 2:
+    reduce_bucket = zc["reduce_bucket_size"] * bucket_bytes * n_buckets
+    if stage == 1:  # whole fp32 gradients; under bf16 the module's bf16 .grad next to them
+        grads = w.trainable * (6 if bf16 else 4)
+        if bf16 and not x.sharding.offload_optimizer:
+            reduce_bucket = 0  # BF16_Optimizer all-reduces its fp32 buffer itself
+    else:  # fp32 partitions (ZeRO-3: the fp32 copy for the step is made per sub-group, after activations are gone)
         grads = w.trainable * 4 // x.world
-    else:  # partitioned gradients in the module dtype (the fp32 copy for the step is made per sub-group,
-        # after the activations are gone)
-        grads = w.trainable * grad_bytes // x.world
     state = EngineState(gradients=grads, optimizer=w.trainable * 12 // x.world, buffers=reduce_bucket)
     state.notes.append(f"DeepSpeed: reduce_bucket_size {zc['reduce_bucket_size']:.3g} elements, allocated whole: "
                        f"{reduce_bucket / GiB:.2f} GiB (strategy.deepspeed={{zero_optimization:{{reduce_bucket_size:N}}}} "

@@ -86,6 +86,12 @@ def build_config(*, zero_stage: int, precision: str, micro_batch_size: int, grad
         "steps_per_print": 2**31 - 1,  # the recipe logs; keep DeepSpeed's own progress lines quiet
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        # Both default to the model dtype (bf16); FSDP2 reduces in fp32 (reduce_dtype), so ZeRO arms of a compare
+        # would differ numerically. ZeRO-2/3 then keep fp32 gradient partitions; ZeRO-1 without offload becomes
+        # DeepSpeed's BF16_Optimizer (engine._do_optimizer_sanity_check): fp32 accumulation, states still sharded.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     return deep_merge(config, _plain(extra or {}))
 
 
@@ -302,6 +308,13 @@ class DeepSpeedStrategy:
         elif options.get("rank0_load") and method == "qlora":
             problems.append(f"strategy.rank0_load=true with method=qlora: {_QLORA_LOAD}; remove strategy.rank0_load "
                             "or use method=lora")
+        if stage == 3 and method == "qlora" and precision == "bf16" and quant_storage not in (None, "bf16"):
+            # ZeRO-3 gathers parameters in coalesced groups that must share one dtype: 4-bit weights stored in
+            # another dtype fail with "expected there to be only one unique element" (unset: bf16 is chosen)
+            problems.append(f"method.quant_storage={quant_storage} with method=qlora under strategy={name} "
+                            "(ZeRO-3, bf16): ZeRO-3 gathers parameters in groups of one dtype, so the packed 4-bit "
+                            "weights must be stored as bf16 like the rest; set method.quant_storage=bf16 or leave it "
+                            "unset, or use strategy=zero2 or strategy=fsdp")
         extra = _plain(options.get("deepspeed") or {})
         for key in sorted(set(extra) & set(RECIPE_KEYS)):
             problems.append(f"strategy.deepspeed.{key} is set by distft from {RECIPE_KEYS[key]}; set that instead "

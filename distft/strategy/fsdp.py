@@ -77,6 +77,7 @@ class FSDPStrategy:
         self.cpu_offload = cpu_offload
         self._module: torch.nn.Module | None = None
         self._layers: list[torch.nn.Module] = []
+        self.sync_every_micro_batch = True  # set by prepare (see sync_context)
         self.optimizer = None
         self.scheduler = None
 
@@ -161,10 +162,12 @@ class FSDPStrategy:
             self._fill_from_rank0(model, full_state)
             del full_state
         self._module = model
+        self.sync_every_micro_batch = all(p.requires_grad for p in model.parameters())
         self.optimizer = build_optimizer(self.trainable_parameters())  # DTensor shards
         self.scheduler = build_scheduler(self.optimizer)
-        log.info("FSDP2: %d decoder layers + root sharded over %d ranks (reshard_after_forward=%s, cpu_offload=%s)",
-                 len(self._layers), dist.get_world_size(), self.reshard_after_forward, self.cpu_offload)
+        log.info("FSDP2: %d decoder layers + root sharded over %d ranks (reshard_after_forward=%s, cpu_offload=%s, "
+                 "gradient sync every micro-batch=%s)", len(self._layers), dist.get_world_size(),
+                 self.reshard_after_forward, self.cpu_offload, self.sync_every_micro_batch)
 
     def _fill_from_rank0(self, model: torch.nn.Module, full_state: dict) -> None:
         """Allocate meta ranks' shards, then send every tensor from rank 0 (collective: all ranks call this)."""
@@ -203,8 +206,11 @@ class FSDPStrategy:
 
     @contextlib.contextmanager
     def sync_context(self, sync: bool):
-        # Without sync, FSDP keeps accumulating unsharded gradients locally; the last micro-batch reduce-scatters.
-        self._module.set_requires_gradient_sync(sync)
+        # Without sync, FSDP2 keeps an unsharded fp32 gradient per parameter until the last micro-batch
+        # (_fsdp_param.py to_accumulated_grad_if_needed): the whole model's gradients on every rank, +52 GB at 13B
+        # full fine-tuning. So a fully trainable model reduce-scatters every micro-batch and accumulates into its
+        # sharded gradients (what the planner counts); LoRA/QLoRA's few trainable weights skip the communication.
+        self._module.set_requires_gradient_sync(sync or self.sync_every_micro_batch)
         try:
             yield
         finally:
@@ -330,7 +336,8 @@ def _prepare_4bit_layers(model: torch.nn.Module, param_dtype: torch.dtype | None
 
 
 # FSDP2 leaves integer (uint8-packed 4-bit) parameters uncast under a MixedPrecisionPolicy from this torch on; 2.9.1
-# (the Docker base image's) casts them and bitsandbytes then dequantises garbage (GPU_REVIEW #3).
+# (the Docker base image's until it moved to 2.13) casts them and bitsandbytes then dequantises garbage
+# (GPU_REVIEW #3).
 INTEGER_SAFE_TORCH = (2, 13)
 
 

@@ -1,6 +1,6 @@
 """DeepSpeed strategy: the generated DeepSpeed config and the combinations refused before a cluster starts.
 
-Pure functions only: nothing here imports DeepSpeed or starts a process.
+Pure functions only: nothing here starts a process (one test parses the generated config with DeepSpeed's parser).
 """
 
 import pytest
@@ -38,6 +38,26 @@ def test_config_follows_the_trainer_batch_arithmetic_and_precision():
     assert build_config(zero_stage=3, precision="bf16", micro_batch_size=1, grad_accum=1)["bf16"] == {"enabled": True}
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_and_fp32_runs_are_unchanged(stage):
+    """As FSDP2's MixedPrecisionPolicy(reduce_dtype=fp32): without these keys both default to bf16 (GPU_REVIEW #8)."""
+    bf16 = build_config(zero_stage=stage, precision="bf16", micro_batch_size=2, grad_accum=4)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"} and bf16["communication_data_type"] == "fp32"
+    fp32 = build_config(zero_stage=stage, precision="fp32", micro_batch_size=2, grad_accum=4)
+    assert set(fp32) == set(bf16) - {"data_types", "communication_data_type"}
+    assert all(bf16[k] == v for k, v in fp32.items() if k != "bf16")
+    # DeepSpeed's own parser reads them (and an explicit strategy.deepspeed value still wins)
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    torch = pytest.importorskip("torch")
+    parsed = ds_config.DeepSpeedConfig(bf16)
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+    plain = ds_config.DeepSpeedConfig(fp32)
+    assert plain.grad_accum_dtype is None and plain.communication_data_type is None  # fp32 model dtype: fp32
+    mine = build_config(zero_stage=stage, precision="bf16", micro_batch_size=2, grad_accum=4,
+                        extra={"communication_data_type": "bf16"})
+    assert mine["communication_data_type"] == "bf16" and mine["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
 def test_offload_sections_follow_the_options():
     cfg = build_config(zero_stage=3, precision="fp32", micro_batch_size=1, grad_accum=1, offload_optimizer=True,
                        offload_params=True, pin_memory=True)
@@ -70,6 +90,27 @@ def test_presets_have_no_problems():
             for use_gpu, precision in ((False, "fp32"), (True, "bf16")):
                 assert DeepSpeedStrategy.config_problems(method=method, precision=precision, use_gpu=use_gpu,
                                                          options=options) == []
+
+
+def test_qlora_under_zero3_in_bf16_stores_the_4bit_weights_as_bf16():
+    """ZeRO-3 gathers one dtype per group: uint8 4-bit weights beside bf16 ones fail on GPUs ("expected there to be
+    only one unique element"), so bf16 storage is chosen there, and another explicit storage is refused."""
+    from distft.settings import run_settings
+
+    def storage(*overrides):
+        cfg = compose_cfg(["+experiment=gsm8k_qlora", *overrides])
+        return run_settings(cfg, world=8).quant_storage
+
+    assert storage("strategy=zero3") == storage("strategy=zero3_offload") == "bf16"
+    assert storage("strategy=zero2") is None and storage("strategy=ddp") is None  # uint8: nothing gathers it
+    assert storage("strategy=zero3", "model=tiny_llama", "hardware=cpu") is None  # fp32 on CPU, as tested there
+    assert storage("strategy=zero3", "method.quant_storage=fp32") == "fp32"  # the user's choice is kept ...
+    (problem,) = DeepSpeedStrategy.config_problems(method="qlora", precision="bf16", use_gpu=True,
+                                                   options={"zero_stage": 3, "name": "zero3"}, quant_storage="fp32")
+    assert "method.quant_storage=bf16" in problem and "strategy=zero2" in problem  # ... and refused with the fix
+    for value in (None, "bf16"):
+        assert DeepSpeedStrategy.config_problems(method="qlora", precision="bf16", use_gpu=True,
+                                                 options={"zero_stage": 3}, quant_storage=value) == []
 
 
 def test_stage_outside_one_to_three_names_the_key_and_the_presets():

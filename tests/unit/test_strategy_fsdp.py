@@ -82,7 +82,8 @@ def test_4bit_layers_leave_the_cpu_repacking_kernel_and_mixed_precision_refuses_
 
 
 def test_uint8_4bit_weights_under_fsdp_bf16_are_refused_on_a_torch_that_casts_them(monkeypatch):
-    """GPU_REVIEW #3: torch 2.9.1's FSDP2 (the Docker base image's) casts integer parameters to the param dtype."""
+    """GPU_REVIEW #3: torch 2.9.1's FSDP2 (the Docker base image's before 2.13) casts integer parameters to the
+    param dtype."""
     bnb = pytest.importorskip("bitsandbytes")
     import distft.strategy.fsdp as fsdp
 
@@ -175,6 +176,41 @@ def test_generation_context_yields_full_weights_and_restores_sharding(one_rank_g
     loss.backward()
     assert all(isinstance(p, DTensor) for p in layer.parameters())  # layers still reshard after forward
     assert strategy.step(1.0) > 0
+
+
+def _gradient_sync(model) -> set[bool]:
+    return {group.reduce_grads for m in model.modules() if hasattr(m, "_get_fsdp_state")
+            for group in m._get_fsdp_state()._fsdp_param_groups}
+
+
+def test_full_fine_tuning_reduce_scatters_every_micro_batch_and_lora_accumulates_unsharded(one_rank_group):
+    """Full fine-tuning: a micro-batch without sync still reduce-scatters, so gradients stay sharded (FSDP2 would
+    otherwise hold the whole model's unsharded fp32 gradients until the last micro-batch). LoRA keeps no-sync;
+    either way two accumulated micro-batches give the gradient of their sum."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for lora in (False, True):
+        reference = _tiny_llama(tied=False)
+        if lora:
+            reference = get_peft_model(reference, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+        model = copy.deepcopy(reference)
+        strategy = _prepared(model)
+        assert strategy.sync_every_micro_batch is not lora
+        for i, sync in enumerate((False, True)):
+            with strategy.sync_context(sync=sync):
+                assert _gradient_sync(model) == {sync or not lora}
+                model(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+            assert _gradient_sync(model) == {True}
+            grads = [p.grad for p in strategy.trainable_parameters()]
+            if not sync:  # sharded gradients after the first micro-batch only when it was reduce-scattered
+                assert all(g is None for g in grads) if lora else all(isinstance(g, DTensor) for g in grads)
+        for i in range(2):
+            reference(input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss.backward()
+        expected = [p.grad for p in reference.parameters() if p.requires_grad]
+        got = [p.grad.full_tensor() for p in strategy.trainable_parameters()]
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_rank0_load_is_refused_where_it_cannot_work():
