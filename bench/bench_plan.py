@@ -36,9 +36,14 @@ WITH_EVAL_EXPORT = ("eval.enabled=true", "eval.at_start=false", "eval.loss_examp
                     "run.export=true")
 
 
+# The planner's CPU terms were calibrated with glibc's mmap threshold pinned (docs/planner.md); hardware=cpu leaves
+# it dynamic for speed, so this bench pins it for its workers (`--override '~run.env.MALLOC_MMAP_THRESHOLD_'` undoes it).
+PIN_MALLOC = "+run.env.MALLOC_MMAP_THRESHOLD_=131072"
+
+
 def overrides(model: str, strategy: str, method: str, storage: Path, gsm8k: str, extra: tuple = ()) -> list[str]:
     name = f"{model}-{strategy}-{method}" + ("-eval-export" if extra else "")
-    return [f"+experiment=gsm8k_{method}", f"model={model}", "hardware=cpu", f"strategy={strategy}",
+    return [f"+experiment=gsm8k_{method}", f"model={model}", "hardware=cpu", PIN_MALLOC, f"strategy={strategy}",
             f"data.path={gsm8k}", f"run.storage_path={storage}", f"run.name={name}", *SHORT, *extra]
 
 
@@ -99,7 +104,7 @@ def measure_baseline(out: Path) -> None:
     load a model), so here a Ray task imports exactly what a worker imports and reports its resident set."""
     import ray
 
-    # the same allocator setting as a hardware=cpu run's workers (conf/hardware/cpu.yaml)
+    # the same allocator setting as this bench's runs (PIN_MALLOC)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072"}})
 

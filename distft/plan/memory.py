@@ -290,8 +290,9 @@ def process_bytes(shape: ModelShape, x: MemoryInputs, w: Weights, notes: list[st
     if not x.cpu_malloc_pinned:
         # glibc raises its mmap threshold after the first large free, and freed heap memory then stays resident:
         # peak RSS exceeds peak live bytes by an amount that depends on allocation order (docs/benchmarks.md)
-        notes.append("CPU: run.env.MALLOC_MMAP_THRESHOLD_ is not set (hardware=cpu sets it), so glibc keeps freed "
-                     "memory resident: SmolLM2 QLoRA measured 1.33x its prediction without it (docs/benchmarks.md)")
+        notes.append("CPU: run.env.MALLOC_MMAP_THRESHOLD_ is not set (glibc's dynamic threshold, hardware=cpu's "
+                     "default: faster steps), so freed memory may stay resident and the measured peak exceed this "
+                     "prediction (SmolLM2 QLoRA: 1.33x); +run.env.MALLOC_MMAP_THRESHOLD_=131072 trades speed for it")
     mapped_load, mapped = _checkpoint_file_pages(shape, x, w)
     return ProcessBytes(runtime=cpu_runtime_bytes(x.sharding.engine, x.method), mapped_load=mapped_load,
                         mapped=mapped)
