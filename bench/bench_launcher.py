@@ -1,0 +1,149 @@
+"""Ray launcher overhead: `python -m distft.train` against the same per-worker recipe under `torchrun` (CPU).
+
+Both run the same work — distft's recipe (`distft.recipe.run_training`: load, data, 16 LoRA steps, checkpoint, export
+and its reload check) on SmolLM2-135M with 2 CPU processes of 1 thread each, gloo — once through distft's whole
+command (config validation, the planner, the data precheck, a local Ray cluster, Ray Train's controller and
+workers, summary.json) and once as `torchrun --nproc_per_node 2` processes that compose the same config and call the
+recipe directly: plain torch.distributed, no Ray. The end-to-end wall time of each command is the figure (Ray's own
+release gate for Ray Train vs torchrun is 1.15x); runs alternate (A B B A ...) so a drift in the machine's speed
+falls on both. Step times come from each run's metrics.jsonl, so the loop's share and the launcher's share separate.
+
+    python bench/bench_launcher.py --repeats 2 --out bench/results/launcher_cpu.json   # ~10 min on 2 idle cores
+    python bench/bench_launcher.py --report bench/results/launcher_cpu.json
+    python bench/bench_launcher.py --dry-run --out /tmp/launcher.json                  # tiny random Llama, 3 steps
+
+`--torchrun-worker` is the per-process entry torchrun starts (internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def overrides(*, model: str, steps: int, data: str, storage: Path, name: str) -> list[str]:
+    return ["+experiment=gsm8k_lora", f"model={model}", "hardware=cpu", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", f"data.path={data}", f"trainer.max_steps={steps}",
+            "trainer.checkpoint_every=100000", "trainer.progress_bar=false", "eval.enabled=false",
+            "eval.at_start=false", "logger=none", f"run.storage_path={storage}", f"run.name={name}"]
+
+
+def torchrun_worker(over: list[str]) -> None:
+    """One torchrun process: the config composed as `distft.train` composes it, then the recipe, no Ray."""
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from distft.config import compose, validate_config
+    from distft.model import resolve_model_dir
+    from distft.recipe import WorkerContext, run_training
+
+    cfg = compose(over)
+    validate_config(cfg)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name / (f"rank{rank}" if rank else "")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=model_dir, rank=rank, world=world,
+                                             device=torch.device("cpu")))
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", **result}, default=str))
+    dist.destroy_process_group()
+
+
+def run_once(kind: str, args, work: Path, index: int) -> dict:
+    name = f"{kind}-{index}"
+    over = overrides(model=args.model, steps=args.steps, data=args.data, storage=work, name=name)
+    # Ray gives each worker OMP_NUM_THREADS = its CPUs; torchrun's processes get the same
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if kind == "distft":
+        cmd = [sys.executable, "-m", "distft.train", *over]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).resolve()), "--torchrun-worker", "--", *over]
+    started = time.perf_counter()
+    with (work / f"{name}.log").open("w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"{kind} run {index} exited with {code}; see {work / (name + '.log')}")
+    from distft.tracking import read_metrics
+
+    rows = read_metrics(work / name / "metrics.jsonl")
+    steps = [r["step_seconds"] for r in rows]
+    summary = json.loads((work / name / "summary.json").read_text())
+    return {"kind": kind, "index": index, "wall_seconds": round(wall, 2), "command": cmd,
+            "loop_seconds": round(sum(steps), 2), "steady_step_seconds": statistics.median(steps[1:] or steps),
+            "outside_loop_seconds": round(wall - sum(steps), 2), "losses": [r["loss"] for r in rows],
+            "status": summary.get("status"), "load_before": os.getloadavg()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--model", default="smollm2_135m")
+    p.add_argument("--data", default=os.environ.get("GSM8K_DIR", str(REPO.parent / "shared/data/gsm8k")))
+    p.add_argument("--work")
+    p.add_argument("--out")
+    p.add_argument("--report", metavar="JSON")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--torchrun-worker", action="store_true")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.torchrun_worker:
+        torchrun_worker([a for a in args.rest if a != "--"])
+        return 0
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
+        return 0
+    if args.dry_run:
+        args.model, args.steps, args.repeats = "tiny_llama", 3, 1
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_launcher-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i in range(args.repeats):
+        for kind in (("distft", "torchrun") if i % 2 == 0 else ("torchrun", "distft")):
+            runs.append(run_once(kind, args, work, i))
+            print(f"[bench_launcher] {kind} #{i}: {runs[-1]['wall_seconds']:.1f} s", flush=True)
+    report = {"steps": args.steps, "model": args.model, "runs": runs, "started": time.strftime("%F %T")}
+    for kind in ("distft", "torchrun"):
+        losses = {json.dumps(r["losses"]) for r in runs if r["kind"] == kind}
+        report[f"{kind}_same_losses_every_run"] = len(losses) == 1
+    report["same_losses_both"] = ({json.dumps(r["losses"]) for r in runs if r["kind"] == "distft"}
+                                  == {json.dumps(r["losses"]) for r in runs if r["kind"] == "torchrun"})
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in report["runs"] if r["kind"] == kind)
+
+    lines = [f"{report['steps']} steps of {report['model']}, 2 processes; medians over "
+             f"{sum(r['kind'] == 'distft' for r in report['runs'])} runs each",
+             "", "| | distft (Ray) | torchrun | ratio |", "|---|---|---|---|"]
+    for key, label in (("wall_seconds", "end-to-end wall s"), ("loop_seconds", "the 16 steps, s"),
+                       ("steady_step_seconds", "steady step s"), ("outside_loop_seconds", "outside the steps, s")):
+        a, b = med("distft", key), med("torchrun", key)
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.3f}x |")
+    lines.append(f"\nsame loss curve under both launchers: {report['same_losses_both']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

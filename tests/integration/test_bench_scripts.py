@@ -1,0 +1,65 @@
+"""bench/bench_peers.py and bench/bench_launcher.py with --dry-run (tiny random Llama, a few steps): the commands
+behind docs/benchmarks.md's peer and launcher figures, run end to end so that they cannot rot. Not timings."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from tests.conftest import GSM8K_DIR, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, tmp_path, *args: str) -> dict:
+    if not (GSM8K_DIR / "train.jsonl").exists():
+        pytest.skip(f"GSM8K not found at {GSM8K_DIR}")
+    # A Ray instance of its own (the session's may be up): a short temp dir keeps Ray's socket paths legal.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(GSM8K_DIR=str(GSM8K_DIR), PYTHONPATH=str(REPO), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry-run", "--out", str(out),
+                           "--work", str(tmp_path / "work"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_peer_benchmark_runs_every_system_on_the_same_work_and_measures_it(tmp_path):
+    report = bench("bench_peers.py", tmp_path, "--systems", "distft,trl,hf,plain")
+    systems = report["systems"]
+    assert set(systems) == {"distft", "trl", "hf", "plain"}
+    steps = report["spec"]["steps"]
+    for name, r in systems.items():
+        assert len(r["rows"]) == steps and len(r["losses"]) == steps, name
+        assert r["steady_tokens_per_second"] > 0 and r["wall_seconds"] > 0, name
+        assert math.isfinite(r["heldout_loss"]) and r["heldout_examples"] == report["spec"]["eval_examples"], name
+        assert 0 <= r["padding_share"] < 1, name
+        assert max(v["max_bytes"] for v in r["rss"].values()) > 100 * 2**20, name
+    # the evaluator reads the trained adapter, not the base model alone
+    assert systems["trl"]["heldout_loss"] != report["base_model"]["heldout_loss"]
+    # distft and the plain loop train the same packed rows; TRL's padding-free rows and HF's padded batches differ
+    assert systems["distft"]["packed_rows"] == systems["plain"]["packed_rows"]
+    assert systems["trl"]["padding_share"] == 0 and systems["hf"]["padding_share"] > 0
+    assert systems["hf"]["examples_per_step"] >= report["spec"]["global_rows"]
+    # distft's process tree: the driver, two training workers, Ray's own processes, each with a CPU share
+    rss = systems["distft"]["rss"]
+    assert rss["main"]["processes"] == 1 and rss["train_worker"]["processes"] == 2
+    assert {"ray:raylet", "ray:gcs_server", "ray::StopFlag"} <= set(rss)
+    assert systems["distft"]["cpu_share_steady"]["train_worker"] > 0
+    assert systems["distft"]["distft_summary"]["status"] == "completed"
+
+
+def test_launcher_benchmark_runs_the_same_recipe_under_ray_and_torchrun(tmp_path):
+    report = bench("bench_launcher.py", tmp_path)
+    kinds = [r["kind"] for r in report["runs"]]
+    assert sorted(kinds) == ["distft", "torchrun"]
+    for r in report["runs"]:
+        assert r["status"] == "completed" and len(r["losses"]) == report["steps"]
+        assert r["wall_seconds"] > r["loop_seconds"] > 0
+    # one recipe, two launchers: the same seed, rows and sharding give the same loss curve
+    assert report["same_losses_both"] is True
