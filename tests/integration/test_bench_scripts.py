@@ -37,7 +37,9 @@ def test_peer_benchmark_runs_every_system_on_the_same_work_and_measures_it(tmp_p
     for name, r in systems.items():
         assert len(r["rows"]) == steps and len(r["losses"]) == steps, name
         assert r["steady_tokens_per_second"] > 0 and r["wall_seconds"] > 0, name
-        assert math.isfinite(r["heldout_loss"]) and r["heldout_examples"] == report["spec"]["eval_examples"], name
+        assert math.isfinite(r["heldout_loss"]), name
+        # the same held-out examples for every system (those of the first eval_examples that fit in seq_len)
+        assert 0 < r["heldout_examples"] == report["base_model"]["heldout_examples"] <= report["spec"]["eval_examples"]
         assert 0 <= r["padding_share"] < 1, name
         assert max(v["max_bytes"] for v in r["rss"].values()) > 100 * 2**20, name
     # the evaluator reads the trained adapter, not the base model alone
