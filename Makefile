@@ -51,7 +51,7 @@ bench: $(STAMP)  ## framework overhead vs a plain PyTorch loop, and padding shar
 bench-peers: $(STAMP)  ## distft vs TRL SFTTrainer, HF Trainer+peft and a plain loop on the same work (CPU, ~25 min)
 	$(BIN)/python bench/bench_peers.py --out bench/results/peers_cpu.json
 
-bench-launcher: $(STAMP)  ## end-to-end wall time of distft.train vs the same recipe under torchrun (CPU, ~10 min)
+bench-launcher: $(STAMP)  ## end-to-end wall time of distft.train vs the same recipe under torchrun (CPU, ~12 min)
 	$(BIN)/python bench/bench_launcher.py --repeats 2 --out bench/results/launcher_cpu.json
 
 .PHONY: bench-memory
