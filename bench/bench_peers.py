@@ -207,7 +207,7 @@ def run_trl(spec: dict, out: Path) -> dict:
             "examples": len(encoded), "packed_rows": len(trainer.train_dataset)}
 
 
-def examples_per_packed_row(spec: dict, tokenizer, template: str) -> float:
+def examples_per_packed_row(spec: dict, tokenizer) -> float:
     from distft.recipe import training_rows
 
     rows, stats, _ = training_rows(work_config(spec), tokenizer)
@@ -222,7 +222,7 @@ def run_hf(spec: dict, out: Path) -> dict:
     encoded = encoded_examples(spec, tokenizer, template, "train", spec["train_examples"])
     data = Dataset.from_dict({"input_ids": [ids for ids, _ in encoded], "labels": [lab for _, lab in encoded]})
     # as many examples per step as distft's packed rows hold on average: the same data per update
-    per_row = examples_per_packed_row(spec, tokenizer, template)
+    per_row = examples_per_packed_row(spec, tokenizer)
     accum = spec["global_rows"] // spec["micro"]
     micro = max(1, round(spec["global_rows"] * per_row / accum))
     model = lora_model(spec, model_dir)
@@ -475,16 +475,13 @@ def distft_steps(spec: dict, run_dir: Path, *, workers: int) -> dict:
     workers used (metrics.jsonl counts every token slot), and checked against the slots it recorded."""
     from distft.data import ShardedBatches
     from distft.data.packing import padding_stats
-    from distft.model import load_tokenizer
     from distft.recipe import training_rows
     from distft.tracking import read_metrics
 
     metrics = read_metrics(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = work_config(spec)
-    model_dir, _, _ = model_and_tokenizer_dir(spec)
-    tokenizer = load_tokenizer(model_dir)
-    rows, _, _ = training_rows(cfg, tokenizer)
+    _, tokenizer, _ = model_and_tokenizer_dir(spec)
+    rows, _, _ = training_rows(work_config(spec), tokenizer)
     accum = spec["global_rows"] // (spec["micro"] * workers)
     streams = [ShardedBatches(rows, micro_batch_size=spec["micro"], rank=r, world_size=workers, seed=spec["seed"],
                               shuffle=True, pad_id=tokenizer.pad_token_id) for r in range(workers)]
@@ -514,10 +511,6 @@ def evaluate(spec_file: Path, adapter: Path | None) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"held-out evaluation of {adapter} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"spec": spec, "warmup": args.warmup, "distft_overrides": args.distft_override, "machine": machine(), "started": time.strftime("%F %T"),
               "base_model": evaluate(spec_file, None), "systems": {}}
     for system in systems:
-        load = load_average()
+        load = os.getloadavg()[0]
         res = run_system(system, spec, spec_file, work, warmup=args.warmup, extra=args.distft_override)
         res["load_before"] = load
         report["systems"][system] = res
