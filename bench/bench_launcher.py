@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench_peers' process sampler
 
 
 def overrides(*, model: str, steps: int, data: str, storage: Path, name: str) -> list[str]:
@@ -72,9 +73,17 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(Path(__file__).resolve()), "--torchrun-worker", "--", *over]
+    from bench_peers import Watcher
+
     started = time.perf_counter()
     with (work / f"{name}.log").open("w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
+        # every 2 s: each sample reads ~15 processes, and the sampler shares the 2 cores with the run
+        watch = Watcher(proc.pid, work / name / "metrics.jsonl", every=2.0, role=process_role)
+        for line in proc.stdout:  # seconds since launch on every line: the log is the start-up timeline
+            log.write(f"{time.perf_counter() - started:7.1f} {line}")
+        code = proc.wait()
+        watch.stop()
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"{kind} run {index} exited with {code}; see {work / (name + '.log')}")
@@ -87,7 +96,32 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
             "loop_seconds": round(sum(steps), 2), "first_step_seconds": round(steps[0], 2),
             "steady_step_seconds": statistics.median(steps[1:] or steps),
             "outside_loop_seconds": round(wall - sum(steps), 2), "losses": [r["loss"] for r in rows],
-            "status": summary.get("status"), "load_before": os.getloadavg()[0]}
+            "status": summary.get("status"), "load_before": os.getloadavg()[0],
+            "steady_cpu_cores": steady_cpu(watch)}
+
+
+def process_role(proc, root_pid: int) -> str | None:
+    """bench_peers' roles, with torchrun's workers named as Ray's are (both run the recipe)."""
+    from bench_peers import role
+
+    try:
+        if "--torchrun-worker" in proc.cmdline():
+            return "train_worker"
+    except Exception:  # noqa: BLE001 - gone or unreadable
+        return None
+    return role(proc, root_pid)
+
+
+def steady_cpu(watch) -> dict:
+    """Cores used per role between the second step written and the last (1.0 = one core busy), and the window.
+    On 2 cores whatever the other processes use is taken from the two ranks, which wait for each other."""
+    window = watch.window(warmup=1)
+    if window is None:
+        return {}
+    by_role = watch.cpu_share(*window)
+    workers = by_role.get("train_worker", 0.0)
+    return {"seconds": round(window[1] - window[0], 1), "train_workers": round(workers, 3),
+            "everything_else": round(sum(by_role.values()) - workers, 3), "by_role": by_role}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +183,13 @@ def markdown(report: dict) -> str:
             a = pick(r[key] for r in runs if r["kind"] == "distft")
             b = pick(r[key] for r in runs if r["kind"] == "torchrun")
             lines.append(f"| {label} ({name}) | {a:.2f} | {b:.2f} | {a / b:.3f}x |")
+    cpu = [r for r in runs if r.get("steady_cpu_cores")]
+    if cpu:
+        lines += ["", "Cores used during the steady steps (sampled every 2 s; 2 cores in all):", "",
+                  "| run | launcher | the 2 training processes | every other process of the command |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['index']} | {r['kind']} | {r['steady_cpu_cores']['train_workers']:.2f} | "
+                  f"{r['steady_cpu_cores']['everything_else']:.3f} |" for r in cpu]
     lines.append(f"\nsame loss curve under both launchers: {report['same_losses_both']}")
     return "\n".join(lines)
 

@@ -355,11 +355,12 @@ class Watcher:
     """Samples the command's whole process tree every `every` s: RSS and CPU time per process, and the number of
     steps written so far (the progress file), to find the steady-state window afterwards."""
 
-    def __init__(self, pid: int, progress: Path, every: float = 0.5):
+    def __init__(self, pid: int, progress: Path, every: float = 0.5, role=None):
         import psutil
 
         self.root = psutil.Process(pid)
         self.progress, self.every = progress, every
+        self.role = role or globals()["role"]
         self.procs: dict[int, dict] = {}
         self.steps: list[tuple[float, int]] = []
         self.done = threading.Event()
@@ -378,7 +379,7 @@ class Watcher:
                     with p.oneshot():
                         rss, cpu = p.memory_info().rss, sum(p.cpu_times()[:2])
                         entry = self.procs.setdefault(p.pid, {"role": None, "rss_max": 0, "samples": []})
-                        entry["role"] = role(p, self.root.pid) or entry["role"]
+                        entry["role"] = self.role(p, self.root.pid) or entry["role"]
                         entry["rss_max"] = max(entry["rss_max"], rss)
                         entry["samples"].append((now, cpu))
                 except Exception:  # noqa: BLE001 - exited between listing and reading
@@ -406,12 +407,15 @@ class Watcher:
         out: dict[str, float] = {}
         for entry in self.procs.values():
             inside = [(t, c) for t, c in entry["samples"] if t0 <= t <= t1]
-            before = [c for t, c in entry["samples"] if t < t0]
+            before = [(t, c) for t, c in entry["samples"] if t < t0]
             if not inside:
                 continue
-            used = inside[-1][1] - (before[-1] if before else inside[0][1])
+            first = before[-1] if before else inside[0]
+            if inside[-1][0] <= first[0]:
+                continue
+            # over the span between the two samples used: with sparse samples t1 - t0 would overstate the share
             name = entry["role"] or "ray:worker_starting"
-            out[name] = out.get(name, 0.0) + used / (t1 - t0)
+            out[name] = out.get(name, 0.0) + (inside[-1][1] - first[1]) / (inside[-1][0] - first[0])
         return {k: round(v, 4) for k, v in sorted(out.items())}
 
     def rss(self) -> dict:
