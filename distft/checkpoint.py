@@ -4,7 +4,8 @@ Each rank writes its files into a local directory that it reports to Ray, and Ra
 checkpoint directory. A checkpoint counts as valid only when its metadata file (written last by rank 0) exists and
 every rank's files are present with the sizes that rank recorded in its manifest (so a save cut short, a lost file
 or a truncated one is detected without loading anything). Checks go through a pyarrow filesystem, so they work on
-local, NFS and cloud storage alike.
+local, NFS and cloud storage alike. A checkpoint resumes on another number of workers where the strategy reshards
+its state (FSDP, DDP; not DeepSpeed ZeRO) and the data position carries over exactly (see `load_checkpoint`).
 """
 
 import json
@@ -110,21 +111,61 @@ def read_meta(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / META).read_text())
 
 
-def load_checkpoint(ckpt_dir: Path, *, strategy, rank: int, world_size: int) -> dict:
-    """Restore the strategy's state and this rank's RNG. Returns the metadata and this rank's loader state."""
+# Engines whose checkpoints load on any number of workers, and why.
+RESHARDS_ON_LOAD = {
+    "fsdp": "torch.distributed.checkpoint reshards the model and optimizer shards to the new workers as it reads them",
+    "ddp": "the model and optimizer state are one replica's, which every worker reads",
+}
+
+
+def load_checkpoint(ckpt_dir: Path, *, strategy, rank: int, world_size: int, batches=None,
+                    global_batch_size: int | None = None) -> dict:
+    """Restore the strategy's state, this rank's RNG and, given `batches` (a `ShardedBatches`), its data position.
+    Returns the metadata and the loader state this rank resumed from.
+
+    A checkpoint of another number of workers loads where the strategy reshards (`RESHARDS_ON_LOAD`) and the data
+    position carries over exactly (`ShardedBatches.convert_position`, which needs this run's `global_batch_size`);
+    the step and the LR schedule are global. New rank r takes the RNG state of old rank r % old_world, so new ranks
+    beyond the old world repeat an old rank's stream: the RNG only drives dropout (the data order comes from seeded
+    permutations), so a dropout-free run (full fine-tuning, LoRA with method.lora_dropout=0) does not depend on it.
+    """
     problem = check_checkpoint(ckpt_dir)
     if problem:
         raise RuntimeError(f"cannot resume: {problem}")
     meta = read_meta(ckpt_dir)
-    if meta["world_size"] != world_size:
-        raise RuntimeError(
-            f"checkpoint {ckpt_dir} was written by {meta['world_size']} workers but this run has {world_size}; "
-            f"resume with scaling.num_workers={meta['world_size']} or start a new run.name"
-        )
+    saved_world = meta["world_size"]
+    if saved_world != world_size:
+        _check_resharding(ckpt_dir, strategy, saved_world=saved_world, world_size=world_size)
+    state = torch.load(ckpt_dir / _rank_file(rank % saved_world), weights_only=False)
+    if batches is not None:  # before the strategy's (long) load: a refusal comes at once
+        if saved_world != world_size and "world_size" not in state["loader"]:
+            raise UserError(f"checkpoint {ckpt_dir} was written by a distft whose data position does not record "
+                            f"its world size, so it resumes only on the same workers: resume with "
+                            f"scaling.num_workers={saved_world}")
+        batches.load_state_dict(state["loader"], step=meta["step"], global_batch_size=global_batch_size)
     strategy.load(ckpt_dir, rank)
-    state = torch.load(ckpt_dir / _rank_file(rank), weights_only=False)
     set_rng_state(state["rng"])
+    if saved_world != world_size and rank == 0:
+        log.info("resumed a checkpoint of %d workers on %d workers", saved_world, world_size)
     return {**meta, "loader": state["loader"]}
+
+
+def _check_resharding(ckpt_dir: Path, strategy, *, saved_world: int, world_size: int) -> None:
+    """Refuse to load a checkpoint of `saved_world` workers on `world_size` where the strategy cannot reshard it."""
+    fix = f"resume with scaling.num_workers={saved_world}"
+    sharding = getattr(strategy, "sharding", None)
+    engine = sharding({}).engine if sharding else None
+    if engine == "deepspeed":
+        raise UserError(
+            f"checkpoint {ckpt_dir} was written by {saved_world} workers but this run has {world_size}: DeepSpeed "
+            f"ZeRO-{getattr(strategy, 'zero_stage', '?')} saves its partitions of the optimizer state (ZeRO-3: and "
+            f"of the weights) per worker and loads them only on as many workers; {fix}. (DeepSpeed's offline "
+            "converter `python -m deepspeed.checkpoint.ds_to_universal` turns such a checkpoint into a universal one, "
+            "which distft does not load yet.)")
+    if engine not in RESHARDS_ON_LOAD:
+        raise RuntimeError(f"checkpoint {ckpt_dir} was written by {saved_world} workers but this run has "
+                           f"{world_size}, and {type(strategy).__name__} cannot load it on another number of "
+                           f"workers; {fix} or start a new run.name")
 
 
 class Checkpointer:
@@ -147,12 +188,14 @@ class Checkpointer:
                             loader_state=loader_state, info=self.info)
             self.report({"step": step, **metrics}, Path(tmp), step)
 
-    def restore(self, ckpt_dir: Path) -> dict:
-        """Load a checkpoint chosen by `choose_resume` into the strategy; returns its metadata and loader state."""
+    def restore(self, ckpt_dir: Path, batches=None, *, global_batch_size: int | None = None) -> dict:
+        """Load a checkpoint chosen by `choose_resume` into the strategy and, given them, `batches` (see
+        `load_checkpoint`); returns its metadata and loader state."""
         problem = check_checkpoint(ckpt_dir)
         if problem:
             raise RuntimeError(f"this run was handed an incomplete checkpoint: {problem}")
-        state = load_checkpoint(ckpt_dir, strategy=self.strategy, rank=self.rank, world_size=self.world)
+        state = load_checkpoint(ckpt_dir, strategy=self.strategy, rank=self.rank, world_size=self.world,
+                                batches=batches, global_batch_size=global_batch_size)
         log.info("resumed from %s at step %d", ckpt_dir, state["step"])
         return state
 

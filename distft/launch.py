@@ -44,7 +44,7 @@ def launch(cfg: DictConfig) -> dict:
     run_dir = storage.local_dir  # this process writes here; for a URI it is a staging copy pushed to storage
     check_storage(cfg.run.storage_path)
     refuse_completed(storage)
-    resume_from = check_resume_from(cfg.run.resume_from)
+    check_resume_from(cfg.run.resume_from)  # an explicit bad checkpoint fails here; the workers load a good one
 
     address = cfg.run.address or os.environ.get("RAY_ADDRESS")
     # A local cluster will have exactly this machine's resources: check before starting it. Inside a Ray task (compare
@@ -64,7 +64,7 @@ def launch(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     storage.push("config.yaml")
 
-    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, storage=storage, resume_from=resume_from,
+    trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, storage=storage,
                             plan=plan)
     status, error, wall, user_error = fit(trainer, cfg)
     storage.pull("metrics.jsonl", "train_result.json")
@@ -286,9 +286,10 @@ def torch_backend(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: RunStorage | None = None,
-                  resume_from=None, plan: dict | None = None):
-    """Ray Train's TorchTrainer for this run. `resume_from`: (filesystem, path) of run.resume_from, or None."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                  plan: dict | None = None):
+    """Ray Train's TorchTrainer for this run. run.resume_from travels in the config: Ray Train 2.x refuses
+    `resume_from_checkpoint` (it raises DeprecationWarning), so the workers open it (distft.worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -306,12 +307,8 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: Ru
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU workers
     storage = storage or RunStorage(cfg.run.storage_path, cfg.run.name)
-    if resume_from is not None:
-        filesystem, path = resume_from
-        resume_from = Checkpoint(path, filesystem=filesystem)
     return TorchTrainer(
         train_worker,
-        resume_from_checkpoint=resume_from,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
                            "model_dir": model_dir, "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,

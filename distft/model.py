@@ -4,11 +4,13 @@ Every source ends up as a directory that `from_pretrained` can read, prepared on
 (`DISTFT_CACHE`, default ~/.cache/distft) and guarded by a file lock, so workers never convert or initialise twice.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -165,9 +167,10 @@ def load_model(
 ):
     """Load a causal LM. With a bitsandbytes config the weights are quantised while loading onto `device`.
 
-    `empty=True` builds the architecture on the meta device without reading any weights: a sharding strategy that
-    loads on rank 0 only fills it in later (see `Strategy.load_model`). transformers reads safetensors through mmap
-    and materialises each tensor once, so a normal load holds one copy of the weights, not two.
+    `empty=True` builds the architecture without reading any weights (parameters on the meta device, buffers
+    computed; see `_empty_model`) and records where the weights are as `model.weight_source`: a sharding strategy
+    fills it in later (see `Strategy.load_model`). transformers reads safetensors through mmap and materialises each
+    tensor once, so a normal load holds one copy of the weights, not two.
     Loading never moves the global RNG: LoRA initialisation after it is the same whichever way the model was built.
     """
     from transformers import AutoModelForCausalLM
@@ -221,22 +224,69 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where an empty model's weights are (`load_model(empty=True)` records it as `model.weight_source`), for a
+    loader that reads them itself instead of `from_pretrained`."""
+
+    model_dir: str  # a local directory or a hub id, as given to load_model
+    revision: str | None = None
+
+    def safetensors_files(self) -> list[str]:
+        """The checkpoint's safetensors files, found as `from_pretrained` finds them: the shards named by
+        `model.safetensors.index.json`, else `model.safetensors` (downloaded first for a hub id). [] when there is
+        none (e.g. a checkpoint with only `pytorch_model.bin`)."""
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+        from transformers.utils.hub import get_checkpoint_shard_files
+
+        def find(name: str) -> str | None:
+            return cached_file(self.model_dir, name, revision=self.revision, _raise_exceptions_for_missing_entries=False)
+
+        if index := find(SAFE_WEIGHTS_INDEX_NAME):
+            return list(get_checkpoint_shard_files(self.model_dir, index, revision=self.revision)[0])
+        return [single] if (single := find(SAFE_WEIGHTS_NAME)) else []
+
+
 def _empty_model(model_dir: str, *, dtype: str, attn_implementation: str, revision: str | None):
-    """The model's architecture with every parameter and buffer on the meta device (no memory, no file reads)."""
+    """The model's architecture without weights: every parameter on the meta device (no memory, no file reads), the
+    buffers computed as the constructor computes them (the rotary embedding's `inv_freq` is derived from the config
+    and in no checkpoint, so whoever fills the parameters in later needs them as they are)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir, revision=revision)
     except OSError as e:
         raise _unreachable(model_dir, e) from e
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+    with _parameters_on_meta(), torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    model.weight_source = WeightSource(model_dir, revision)
     try:  # from_pretrained reads generation_config.json too; greedy evaluation must decode the same way on all ranks
         model.generation_config = GenerationConfig.from_pretrained(model_dir, revision=revision)
     except OSError:
         pass
     model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered meanwhile moves to the meta device; buffers stay as computed. What
+    `accelerate.init_empty_weights(include_buffers=False)` does, except that a parameter on the meta device already is
+    registered as it is: accelerate wraps it anew, which unties a tied LM head from the embedding."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            attributes = param.__dict__
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            param.__dict__.update(attributes)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _unreachable(model_dir: str, error: Exception) -> UserError:

@@ -24,7 +24,7 @@ from distft.data import ShardedBatches, build_rows, load_examples, with_fewshot
 from distft.data import steps_per_epoch as data_steps_per_epoch
 from distft.eval.evaluate import evaluate
 from distft.eval.tasks import get_task
-from distft.export import export_and_verify
+from distft.export import export_and_verify, push_to_hub, write_model_card
 from distft.faults import Faults
 from distft.methods import apply_method, quantization_config
 from distft.model import count_params, load_model, load_tokenizer
@@ -102,7 +102,8 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
     checkpointer = Checkpointer(strategy, rank=ctx.rank, world=ctx.world, every=cfg.trainer.checkpoint_every,
                                 max_steps=data.max_steps, report=hooks.report,
                                 info={group: cfg[group].name for group in ("method", "strategy", "model")})
-    step = stop.steps_done = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed)
+    step = stop.steps_done = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed,
+                                    grad_accum=run.grad_accum)
     stop.check("loading")
     tracker = build_tracker(cfg, ctx, resume_step=step)
     evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template, stop)
@@ -127,8 +128,11 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
         eval_end = record_eval(ctx, tracker, evaluate_now(label="evaluation after training"), name="eval",
                                step=trained.step)
     export_check = export(cfg, ctx, strategy, tokenizer, run, probe_row=data.rows[0], memory=memory, stop=stop)
+    hub = publish(cfg, ctx, tokenizer, data.template, run, trained, eval_end, export_check)
     result = train_result(ctx, run, data, trained, memory, params, eval_start=eval_start, eval_end=eval_end,
                           export_check=export_check, exported=cfg.run.export)
+    if hub is not None:
+        result["hub"] = hub
     write_result(ctx, hooks, result, "train_result.json", "metrics.jsonl", "eval_start.json",
                  "eval_start_predictions.jsonl", "eval_predictions.jsonl", "export_probe.pt", "export")
     if cfg.run.export:
@@ -231,13 +235,16 @@ def prepare_strategy(strategy: Strategy, model: torch.nn.Module, trainer, *, lr:
     )
 
 
-def resume(checkpointer: Checkpointer, batches: ShardedBatches, ctx: WorkerContext, *, seed: int) -> int:
-    """The step to start from: the resumed checkpoint's (its RNG and data position restored), else 0."""
+def resume(checkpointer: Checkpointer, batches: ShardedBatches, ctx: WorkerContext, *, seed: int,
+           grad_accum: int) -> int:
+    """The step to start from: the resumed checkpoint's (its RNG and data position restored), else 0. A checkpoint
+    of another number of workers carries its data position over when this run keeps its global batch (see
+    `distft.checkpoint.load_checkpoint`)."""
     if ctx.resume_dir is None:
         torch.manual_seed(seed + 1000 * (ctx.rank + 1))  # per-rank dropout stream; a resume restores it instead
         return 0
-    state = checkpointer.restore(ctx.resume_dir)
-    batches.load_state_dict(state["loader"])
+    state = checkpointer.restore(ctx.resume_dir, batches,
+                                 global_batch_size=ctx.world * grad_accum * batches.micro_batch_size)
     return state["step"]
 
 
@@ -275,7 +282,8 @@ def build_evaluator(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, temp
     return partial(evaluate, strategy, tokenizer, losses=examples[:e.loss_examples], scored=scored, task=task,
                    template=template, seq_len=d.seq_len, packing=d.packing,
                    micro_batch_size=cfg.trainer.micro_batch_size, max_new_tokens=e.max_new_tokens,
-                   batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device, stop=stop)
+                   batch_size=e.batch_size, rank=ctx.rank, world=ctx.world, device=ctx.device, stop=stop,
+                   gather=e.gather)
 
 
 def evaluate_at_start(cfg, ctx: WorkerContext, hooks: RunHooks, evaluate_now, memory: dist.PhasePeaks,
@@ -322,7 +330,18 @@ def export(cfg, ctx: WorkerContext, strategy: Strategy, tokenizer, run: RunSetti
                              precision=cfg.trainer.precision, run_dir=ctx.run_dir,
                              merge_base=ctx.model_dir if merge else None,
                              merge_dtype=run.compute_dtype,  # the merged base unquantised, in the compute dtype
-                             stop=stop)
+                             check=cfg.run.export_check, stop=stop)
+
+
+def publish(cfg, ctx: WorkerContext, tokenizer, template: str, run: RunSettings, trained: loop.LoopResult,
+            eval_end: dict | None, export_check: dict | None) -> dict | None:
+    """Rank 0: the export's model card, then the upload to run.push_to_hub when set (its outcome, for summary.json)."""
+    if not cfg.run.export or ctx.rank != 0:
+        return None
+    export_dir = ctx.run_dir / "export"
+    write_model_card(export_dir, cfg=cfg, tokenizer=tokenizer, template=template, steps=trained.step, lr=run.lr,
+                     train_loss=trained.loss, metrics=eval_end, check=export_check)
+    return push_to_hub(export_dir, cfg.run.push_to_hub) if cfg.run.push_to_hub else None
 
 
 def preflight(strategy: Strategy, ctx: WorkerContext, hooks: RunHooks, trained: loop.LoopResult,

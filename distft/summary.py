@@ -40,6 +40,7 @@ def build_summary(cfg: DictConfig, run_dir: Path, *, status: str, error: str | N
         "wall_seconds": wall_seconds,
         "export_dir": result.get("export_dir"),
         "export_check": result.get("export_check"),
+        "hub": result.get("hub"),  # run.push_to_hub: {"repo", "url"} or {"repo", "skipped", "push_later"}
         "lr": result.get("lr"),
         "grad_accum": result.get("grad_accum"),
         "data": result.get("data"),
@@ -94,9 +95,18 @@ def outcome_table(summary: dict) -> str:
             lines += _metric_lines(before, after)
     check = summary.get("export_check") or {}
     if summary.get("export_dir"):
-        verified = f" (reloaded and checked: max |logit diff| {check['max_abs_logit_diff']:.2g})" \
-            if check.get("ok") else ""
+        if check.get("ok") and check.get("check") == "tensors":
+            verified = f" (checked: {check['tensors']} tensors read back, identical to the trained ones)"
+        elif check.get("ok"):
+            verified = f" (reloaded and checked: max |logit diff| {check['max_abs_logit_diff']:.2g})"
+        else:
+            verified = ""
         lines.append(f"  export: {summary['export_dir']}{verified}")
+    hub = summary.get("hub") or {}
+    if hub.get("url"):
+        lines.append(f"  pushed to the Hub: {hub['url']}")
+    elif hub:
+        lines.append(f"  not pushed to {hub['repo']}: {hub['skipped']} ({hub['push_later']})")
     lines.append(f"  summary: {summary['run_dir']}/summary.json")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from distft.checkpoint import choose_resume
 from distft.console import worker_user_error
 from distft.errors import UserError
 from distft.recipe import RunHooks, WorkerContext, run_training
-from distft.storage import RunStorage
+from distft.storage import RunStorage, resolve_filesystem
 
 
 def train_worker(config: dict) -> None:
@@ -34,7 +34,8 @@ def run_worker(cfg, config: dict, storage: RunStorage) -> None:
 
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    checkpoint, name_suffix, resume_warning = resume_checkpoint(ray.train.get_checkpoint(), storage=storage,
+    handed = ray.train.get_checkpoint() or explicit_checkpoint(cfg.run.resume_from)
+    checkpoint, name_suffix, resume_warning = resume_checkpoint(handed, storage=storage,
                                                                 explicit=cfg.run.resume_from, rank=rank)
     if rank == 0 and checkpoint is not None:
         storage.pull("metrics.jsonl")  # a new node's staging copy may be missing or stale
@@ -50,11 +51,23 @@ def run_worker(cfg, config: dict, storage: RunStorage) -> None:
                 run_dir=storage.local_dir, model_dir=config["model_dir"], rank=rank, world=world,
                 device=ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu"),
                 resume_dir=Path(ckpt_path) if ckpt_path else None,
-                resumed_from=checkpoint_location(checkpoint, storage), resume_warning=resume_warning,
+                resumed_from=checkpoint_location(checkpoint, storage, explicit=cfg.run.resume_from),
+                resume_warning=resume_warning,
                 worker_nodes=nodes, plan=config.get("plan"))
             run_training(cfg, ctx, hooks)
     finally:
         preemption.training_finished()
+
+
+def explicit_checkpoint(path: str | None):
+    """run.resume_from as a Ray checkpoint, for a run that has none of its own yet (Ray hands a restarted run its
+    latest checkpoint, which then wins)."""
+    if path is None:
+        return None
+    import ray.train
+
+    filesystem, fs_path = resolve_filesystem(path)
+    return ray.train.Checkpoint(fs_path, filesystem=filesystem)
 
 
 def resume_checkpoint(handed, *, storage: RunStorage, explicit: str | None, rank: int):
@@ -79,10 +92,12 @@ def resume_checkpoint(handed, *, storage: RunStorage, explicit: str | None, rank
     return ray.train.Checkpoint(choice.path, filesystem=storage.filesystem), choice.name_suffix, choice.warning
 
 
-def checkpoint_location(checkpoint, storage: RunStorage) -> str | None:
-    """Where a checkpoint lives as users see it (the URI for cloud storage)."""
+def checkpoint_location(checkpoint, storage: RunStorage, explicit: str | None = None) -> str | None:
+    """Where a checkpoint lives as users see it (the URI for cloud storage; run.resume_from as it was given)."""
     if checkpoint is None:
         return None
+    if explicit is not None and checkpoint.path.rstrip("/") == resolve_filesystem(explicit)[1].rstrip("/"):
+        return explicit
     if storage.remote and checkpoint.path.startswith(storage.fs_path):
         return storage.uri + checkpoint.path[len(storage.fs_path):]
     return checkpoint.path

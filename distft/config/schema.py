@@ -160,6 +160,11 @@ class EvalConfig:
     fewshot_seed: int = 1234  # which exemplars (lm-eval's default fewshot seed)
     max_new_tokens: int = 256
     batch_size: int = 16
+    # How a sharded model (fsdp, zero3) generates. full: every rank gathers the whole model once and decodes alone
+    # (fast; the full weights must fit one device beside the training state). layerwise: the model stays sharded,
+    # each forward gathers one layer at a time and the ranks decode in step (70B on 80 GB GPUs). auto: layerwise on
+    # GPUs whose free memory would not hold the full weights, else full.
+    gather: str = "auto"
 
 
 @dataclass
@@ -186,6 +191,13 @@ class RunConfig:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     num_to_keep: int = 2  # checkpoints kept (the newest ones)
     export: bool = True
+    # How the export is checked: logits (reload it with plain transformers/peft and compare logits on a probe) |
+    # tensors (read the written tensors back one at a time and compare each with the trained model's; no reload)
+    # | auto (logits when the reload needs at most half of rank 0's free device memory, else tensors: 70B)
+    export_check: str = "auto"
+    # A Hub repo id (user/name): upload export/ (with its model card) at the end of the run. Offline, without a
+    # token or without access the upload is skipped with the reason (summary.json "hub"); the run still succeeds.
+    push_to_hub: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # extra environment variables for the workers
     resume_from: Optional[str] = None  # a checkpoint dir (path or URI) to start from when the run has none of its own
 

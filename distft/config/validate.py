@@ -21,6 +21,8 @@ CHOICES = {
     "method.quant_type": ("nf4", "fp4"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "trainer.optimizer": OPTIMIZERS,
+    "eval.gather": ("auto", "full", "layerwise"),
+    "run.export_check": ("auto", "logits", "tensors"),  # distft.export.EXPORT_CHECKS
 }
 CPU_HINT = "model=smollm2_135m hardware=cpu"
 

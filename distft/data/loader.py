@@ -13,7 +13,7 @@ import torch
 
 from distft.data.format import IGNORE_INDEX
 from distft.data.packing import PackedRow
-from distft.errors import DataError
+from distft.errors import DataError, UserError
 
 
 def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
@@ -56,7 +56,8 @@ class ShardedBatches:
 
     The state ``{"epoch", "index"}`` always names the next micro-batch to produce; it advances as each
     batch is handed out, so ``state_dict()`` taken right after a batch resumes at the following one.
-    Use one iterator at a time.
+    Use one iterator at a time. The state also records the world size and micro-batch size it counts in, so a
+    loader with others can take it over where that is exact (``convert_position``).
 
     Every rank holds all the rows and knows every rank's shard, so each batch also carries the counts of the
     same micro-batch on all ranks together: ``global_num_loss_tokens`` and ``global_num_tokens`` (the sums of
@@ -160,11 +161,25 @@ class ShardedBatches:
             yield from self
 
     def state_dict(self) -> dict:
-        """The position of the next micro-batch: ``{"epoch": int, "index": int}``."""
-        return {"epoch": self.epoch, "index": self.index}
+        """The position of the next micro-batch, ``{"epoch", "index"}``, with what it counts in (world size,
+        micro-batch size, rows, seed, shuffle), so that a resume on another number of workers can convert it."""
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size, "rows": len(self.rows), "seed": self.seed,
+                "shuffle": self.shuffle}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at a position saved by ``state_dict`` (same rows, seed, rank and world size)."""
+    def load_state_dict(self, state: dict, *, step: int | None = None, global_batch_size: int | None = None) -> None:
+        """Resume at a position saved by ``state_dict``.
+
+        Saved with this world size and micro-batch size (or by a distft that did not record them), the position is
+        taken as it is. Saved with others, it is converted (see `convert_position`), which needs the optimizer
+        `step` it was saved at and this run's `global_batch_size` (rows per step, all workers together).
+        """
+        geometry = (state.get("world_size", self.world_size), state.get("micro_batch_size", self.micro_batch_size))
+        if geometry != (self.world_size, self.micro_batch_size):
+            if step is None or global_batch_size is None:
+                raise ValueError(f"loader state {state} was saved with another world size or micro-batch size; "
+                                 "converting it needs the step it was saved at and the global batch size")
+            state = self.convert_position(state, step=step, global_batch_size=global_batch_size)
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < len(self):
             raise ValueError(
@@ -172,3 +187,91 @@ class ShardedBatches:
                 f"was it saved with different data, micro_batch_size or world_size?"
             )
         self.epoch, self.index = epoch, index
+
+    def convert_position(self, state: dict, *, step: int, global_batch_size: int) -> dict:
+        """This loader's ``{"epoch", "index"}`` for a position saved after `step` optimizer steps by a loader over
+        the same rows with another world size or micro-batch size; a `UserError` where the carry-over is not exact.
+
+        Exact means that every optimizer step, before and after the checkpoint, trains on the same set of rows
+        under both layouts, so a resumed run continues the curve an uninterrupted one would have drawn (up to the
+        order in which floats are summed; the loss of a step is normalised by the step's answer tokens, so how the
+        rows are split into micro-batches and workers does not matter). Micro-batch ``i`` of epoch ``e`` is
+        ``perm_e[W*b*i : W*b*(i+1)]`` over all ``W`` workers with ``b`` rows each (rank ``r`` holds every ``W``-th
+        row from ``r``), so the rows run through each epoch's permutation in order, and a step takes the next
+        ``global_batch_size // (W*b)`` micro-batches. Both layouts therefore group rows identically when:
+
+        - the rows, seed and shuffling are the same (``perm_e`` is);
+        - an epoch uses the same rows: each worker keeps ``rows // W`` of them, so ``W * (rows // W)`` must not
+          change (drop_last leaves ``rows % W`` out of every epoch);
+        - steps cut the epoch at the same rows: either ``W*b`` stays the same (the same micro-batches), or no
+          micro-batch is partial under either layout (``(rows // W) % b == 0``), so every step is the next
+          ``global_batch_size`` rows;
+        - the global batch is the one the checkpointed run trained with: its position must be exactly where
+          `step` steps of ``global_batch_size`` rows end (a run whose global batch changed on an earlier resume
+          cannot be continued exactly on another layout).
+
+        The converted position is then where `step` steps of this run end.
+        """
+        if self.pad_to_equal:
+            raise ValueError("positions of a loader with pad_to_equal=True (evaluation) are never converted")
+        old = (int(state["world_size"]), int(state["micro_batch_size"]))
+        new = (self.world_size, self.micro_batch_size)
+        n = len(self.rows)
+        problems = []
+        if state.get("rows") != n:
+            problems.append(f"the checkpoint's data has {state.get('rows')} training rows, this run's {n}")
+        if (state.get("seed"), state.get("shuffle")) != (self.seed, self.shuffle):
+            problems.append(f"the checkpoint shuffled with seed={state.get('seed')} shuffle={state.get('shuffle')}, "
+                            f"this run with seed={self.seed} shuffle={self.shuffle}")
+        saved = (int(state["epoch"]), int(state["index"]))
+        same_data = not problems
+        if same_data and (global_batch_size % (old[0] * old[1])
+                          or saved != step_position(step, n, old, global_batch_size)):
+            raise UserError(
+                f"the checkpoint's data position (micro-batch {saved[1]} of epoch {saved[0]}) is not where {step} "
+                f"steps of {global_batch_size} rows on {old[0]} worker(s) end: it was trained with another "
+                f"trainer.global_batch_size. Resume with scaling.num_workers={old[0]} trainer.micro_batch_size="
+                f"{old[1]}, or with the global batch size the checkpoint was trained with")
+        problems += layout_problems(n, old, new, global_batch_size)
+        if problems:
+            fix = f"Resume with scaling.num_workers={old[0]}"
+            if old[1] != new[1]:
+                fix += f" trainer.micro_batch_size={old[1]}"
+            alternatives = [w for w in range(1, global_batch_size // new[1] + 1) if same_data
+                            and w not in (old[0], new[0]) and not layout_problems(n, old, (w, new[1]), global_batch_size)]
+            if alternatives:
+                fix += f" (or scaling.num_workers={' or '.join(map(str, alternatives))})"
+            raise UserError(
+                f"the data position of step {step}, saved by {old[0]} worker(s) x {old[1]}-row micro-batches, cannot "
+                f"be carried over exactly to {new[0]} worker(s) x {new[1]}-row micro-batches: " + "; ".join(problems)
+                + f". {fix}")
+        epoch, index = step_position(step, n, new, global_batch_size)
+        return {"epoch": epoch, "index": index}
+
+
+def step_position(step: int, rows: int, layout: tuple[int, int], global_batch_size: int) -> tuple[int, int]:
+    """(epoch, index) of a loader over `rows` rows with `layout` = (world size, micro-batch size) after `step`
+    optimizer steps of `global_batch_size` rows: the loop draws ``global_batch_size // (world * micro)`` micro-batches
+    per step from `ShardedBatches.forever`, across epochs."""
+    world, micro = layout
+    per_epoch = math.ceil(rows // world / micro)
+    return divmod(step * (global_batch_size // (world * micro)), per_epoch)
+
+
+def layout_problems(rows: int, old: tuple[int, int], new: tuple[int, int], global_batch_size: int) -> list[str]:
+    """Why steps of `global_batch_size` rows would group the rows differently under the (world size,
+    micro-batch size) layouts `old` and `new` (see `ShardedBatches.convert_position`); empty when they do not."""
+    world, micro = new
+    problems = []
+    if global_batch_size % (world * micro):
+        problems.append(f"{global_batch_size} rows per step is not a multiple of {world} worker(s) x {micro} row(s)")
+    used_old, used_new = old[0] * (rows // old[0]), world * (rows // world)
+    if used_old != used_new:
+        problems.append(f"an epoch trains on {used_old} of the {rows} rows on {old[0]} worker(s) but on {used_new} "
+                        f"on {world} (every worker keeps rows // workers of them)")
+    partial = [f"{rows // w} rows per worker on {w} worker(s) is not a multiple of the micro-batch size {b}"
+               for w, b in (old, new) if (rows // w) % b]
+    if old[0] * old[1] != world * micro and partial:
+        problems.append("steps would cut the epochs at other rows (" + ", ".join(partial) + ", so the last "
+                        "micro-batch of an epoch is short)")
+    return problems

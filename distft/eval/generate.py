@@ -19,6 +19,7 @@ def greedy_generate(
     stop: Sequence[str] = (),
     should_stop: Callable[[], object] | None = None,
     on_batch: Callable[[], None] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedily complete each prompt and return only the new text, in the order of ``prompts``.
 
@@ -40,6 +41,9 @@ def greedy_generate(
         should_stop: asked before each batch; when it answers truthy, generation ends there and the prompts
             not reached keep an empty output (the caller decides what a stopped evaluation means).
         on_batch: called after each batch (progress).
+        synced: the model is sharded and its forwards are collective: every rank must pass the same number of
+            prompts (so the same number of batches) and `should_stop` must be collective; ranks that finish a batch
+            early keep stepping until all have (transformers' `synced_gpus`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -76,8 +80,8 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
-                # each rank generates on its own shard with gathered weights: never sync per token across ranks
-                synced_gpus=False,
+                # gathered weights: each rank decodes alone, never syncing per token; sharded: in step
+                synced_gpus=synced,
                 **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
             )
             texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)

@@ -75,6 +75,8 @@ def memory_inputs(cfg) -> MemoryInputs:
         gradient_checkpointing=t.gradient_checkpointing, lora_r=m.lora_r, lora_dropout=m.lora_dropout,
         target_modules=tuple(m.target_modules), double_quant=m.double_quant, accelerator=hw.accelerator,
         eval_enabled=cfg.eval.enabled, eval_batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        eval_gather=cfg.eval.gather, export_check=cfg.run.export_check,
+        device_bytes=int(hw.gpu_memory_gb * GiB) if hw.accelerator == "cuda" and hw.gpu_memory_gb else None,
         export=cfg.run.export, gpus_per_node=gpus_per_node(cfg),
         rank0_load=settings.rank0_load(cfg.strategy.rank0_load, shards_parameters=sharding.shards_parameters,
                                        quantized=m.name == "qlora"),

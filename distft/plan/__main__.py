@@ -95,8 +95,8 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     out.append("  " + activation_table(cfg, plan))
     out.append("")
     out.append("peak per worker by phase (GiB)        rank 0    others")
-    names = {"load": "load (full model on each device)", "train": "train step", "eval": "eval / generation",
-             "save": "checkpoint save", "export": "export (gather + reload check)"}
+    names = {"load": "load", "train": "train step", "eval": "eval / generation",
+             "save": "checkpoint save", "export": "export (write + check)"}
     for phase, peaks in mem.phases.items():
         out.append(f"  {names[phase]:<34} {gib(peaks['rank0']):>8} {gib(peaks['other']):>9}")
     out.append(f"  peak: {gib(plan.peak_bytes)} GiB in phase '{mem.peak_phase}'")

@@ -93,6 +93,9 @@ class MemoryInputs:
     eval_enabled: bool = True
     eval_batch_size: int = 16
     max_new_tokens: int = 256
+    eval_gather: str = "auto"  # eval.gather: full | layerwise | auto (distft.eval.evaluate.generates_layerwise)
+    device_bytes: int | None = None  # one GPU's memory (hardware.gpu_memory_gb), for the `auto` settings
+    export_check: str = "auto"  # run.export_check: logits | tensors | auto (distft.export.choose_export_check)
     export: bool = True
     gpus_per_node: int = 8  # workers of this run on one node (memory_inputs: min(hardware.gpus_per_node, world))
     rank0_load: bool = False
@@ -156,7 +159,8 @@ def estimate_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
     phases = {"load": load, "train": _every_rank(sum(train.values()))}
     if x.eval_enabled:
         phases["eval"] = _every_rank(eval_peak(shape, x, w, steady=steady, notes=notes))
-    phases.update(save_and_export_phases(x, w, steady=steady, load_device=load_device_bytes(x, w)))
+    phases.update(save_and_export_phases(shape, x, w, steady=steady, load_device=load_device_bytes(x, w),
+                                         notes=notes))
     return MemoryPlan(train=train, phases=phases, host_per_node_load=host_per_node, notes=notes,
                       total_params=w.total, trainable_params=w.trainable, lora_params=w.lora)
 
@@ -344,10 +348,23 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
         # from_pretrained builds the model in host RAM, then .to(device); QLoRA streams tensors to the GPU
         per_worker_host = min(load_device, 10 * 10**9) if x.method == "qlora" else load_device
         host_per_node = x.gpus_per_node * per_worker_host + (x.gpus_per_node * host_offloaded if offloading else 0)
+    if x.sharding.engine == "fsdp" and x.rank0_load:
+        # distft.strategy.streaming: every rank builds the model without weights and allocates only its shards;
+        # rank 0 reads the checkpoint one decoder layer (or one root tensor) at a time, cast to the training dtype,
+        # and broadcasts it into the shards. No rank ever holds the whole model.
+        group = max(shape.layer_params(), shape.embedding_params()) * x.load_bytes
+        in_flight = shape.vocab * shape.hidden * x.load_bytes
+        other = w.weights + w.lora_held + in_flight + runtime
+        if x.accelerator == "cpu":
+            host_per_node = x.gpus_per_node * other + group
+        else:
+            host_per_node = group + (x.gpus_per_node * host_offloaded if offloading else 0)
+        notes.append(f"load: streamed — rank 0 reads one layer group at a time ({group / GiB:.2f} GiB) into host "
+                     "memory and broadcasts it into every rank's shards (strategy.rank0_load)")
+        return {"rank0": other + (group if x.accelerator == "cpu" else 0), "other": other}, host_per_node
     if x.sharding.shards_parameters and x.rank0_load:
-        # strategy.rank0_load: rank 0 reads the weights into host memory, the other ranks start from meta tensors
-        # and receive only their shards (FSDP: broadcast one tensor at a time; ZeRO-3: zero.Init partitions each
-        # layer as it is built), so a device holds its shard plus about one full tensor (the embedding) in flight.
+        # ZeRO-3's rank-0 loading: rank 0 reads the weights into host memory, zero.Init partitions each layer as
+        # it is built, so a device holds its shard plus about one full tensor (the embedding) in flight.
         in_flight = shape.vocab * shape.hidden * x.load_bytes
         other = w.weights + w.lora_held + in_flight + runtime
         if x.accelerator == "cpu":
@@ -364,31 +381,64 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
 
 
 def eval_peak(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, notes: list[str]) -> int:
-    """Evaluation: the eval-loss forward, or generation (KV cache, prefill, and under sharding the full weights
-    every rank gathers for the duration: see the strategies' generation_context), whichever is larger."""
+    """Evaluation: the eval-loss forward, or generation (KV cache, prefill, and under sharding the weights every
+    rank gathers: the full model for the duration, or one layer at a time with eval.gather=layerwise — see the
+    strategies' generation_context), whichever is larger."""
     pb, prompt = x.act_bytes, min(PROMPT_TOKENS, x.seq_len)
     kv = 2 * shape.layers * shape.kv_dim * pb * x.eval_batch_size * (prompt + x.max_new_tokens)
     gathered = max(w.module_bytes - (w.weights + w.lora_held), 0) if x.sharding.shards_parameters else 0
+    if gathered and generates_layerwise(x, w, steady=steady):
+        gathered = w.module_bytes // shape.layers  # one decoder layer (with its share of the embeddings) at a time
+        notes.append(f"generation: eval.gather={x.eval_gather} — the model stays sharded and each forward gathers "
+                     f"one layer ({gathered / GiB:.2f} GiB); the ranks decode in step")
     prefill = x.eval_batch_size * prompt * (2 * shape.intermediate + 4 * shape.hidden) * pb
     eval_loss = x.micro_batch_size * x.seq_len * shape.vocab * (pb + 8)
     notes.append(f"generation: KV cache {kv / GiB:.2f} GiB for eval.batch_size={x.eval_batch_size} x "
                  f"({prompt} prompt + {x.max_new_tokens} new tokens)"
-                 + (f"; gathered full weights {gathered / GiB:.2f} GiB" if gathered else ""))
+                 + (f"; gathered weights {gathered / GiB:.2f} GiB" if gathered else ""))
     return steady + max(gathered + kv + prefill + x.eval_batch_size * shape.vocab * 8, eval_loss)
 
 
-def save_and_export_phases(x: MemoryInputs, w: Weights, *, steady: int, load_device: int) -> dict:
+def generates_layerwise(x: MemoryInputs, w: Weights, *, steady: int) -> bool:
+    """eval.gather as a sharded run resolves it: auto goes layer by layer on a GPU where the full weights would
+    take more than 0.8 of what training leaves free (the worker's rule, distft.eval.evaluate)."""
+    if x.eval_gather != "auto":
+        return x.eval_gather == "layerwise"
+    return x.accelerator == "cuda" and x.device_bytes is not None and w.module_bytes > 0.8 * (x.device_bytes - steady)
+
+
+def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, load_device: int,
+                           notes: list[str]) -> dict:
     """Checkpoint save: DDP's rank 0 writes the trainable weights with safetensors, which first serialises them
     into one bytes object (a full copy); ZeRO and DCP write each rank's shards from the tensors themselves.
-    Export: rank 0 gathers the full (trainable) state into host memory, writes it, then reloads the export on its
-    device to check the logits (distft.export.verify_export)."""
+    Export (distft.export_shards): every rank gathers one tensor at a time and rank 0 writes it into its place in
+    the sharded safetensors files, so a rank holds its training state plus the largest tensor (at most fp32) and
+    rank 0 its CPU copy; then the check: reloading the export on rank 0's device (logits), or reading the written
+    tensors back one at a time (tensors; auto chooses it when a reload would take more than half of what training
+    leaves free on the device)."""
     save_extra = w.trainable * 4 if x.sharding.engine == "ddp" else 0
     phases = {"save": {"rank0": steady + save_extra, "other": steady}}
     if x.export:
-        state = w.total * 4 if x.method == "full" else w.lora * 4
-        phases["export"] = {"rank0": steady + load_device + (state if x.accelerator == "cpu" else 0),
-                            "other": steady}
+        if x.method == "full":
+            tensor = shape.vocab * shape.hidden * 4
+        else:
+            tensor = x.lora_r * max(shape.hidden, shape.intermediate) * 4
+        reload = export_check_reloads(x, load_device=load_device, steady=steady)
+        if not reload:
+            notes.append(f"export: run.export_check={x.export_check} — the written tensors are read back one at a "
+                         f"time instead of reloading the model ({load_device / GiB:.1f} GiB) on rank 0")
+        rank0 = steady + 2 * tensor + (load_device if reload else tensor)
+        phases["export"] = {"rank0": rank0, "other": steady + tensor}
     return phases
+
+
+def export_check_reloads(x: MemoryInputs, *, load_device: int, steady: int) -> bool:
+    """Whether the export check reloads the model on rank 0 (run.export_check resolved as the worker does)."""
+    if x.export_check != "auto":
+        return x.export_check == "logits"
+    if x.accelerator != "cuda" or x.device_bytes is None:
+        return True  # on CPU the worker decides from the free host memory it sees
+    return load_device <= 0.5 * (x.device_bytes - steady)
 
 
 def _every_rank(peak: int) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """The one interface the training loop sees. DDP, FSDP and DeepSpeed differ only behind it."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +73,24 @@ class Strategy(Protocol):
         """This rank's part of every trainable parameter, in module order: the whole tensor where replicated, the
         local shard where sharded."""
 
-    def generation_context(self) -> AbstractContextManager[torch.nn.Module]:
-        """Yield a model each rank can call `generate` on independently (gathered weights where sharded).
-        Every rank enters and leaves it together."""
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each rank holds only a shard of the weights (a forward is then collective)."""
+
+    def generation_context(self, gather: bool = True) -> AbstractContextManager[torch.nn.Module]:
+        """Yield a model to call `generate` on. gather=True: each rank can generate independently (gathered weights
+        where sharded). gather=False: a sharded model stays sharded and its forwards gather one layer at a time, so
+        every rank must make the same `generate` calls with `synced_gpus=True`. Every rank enters and leaves it
+        together."""
 
     def save(self, ckpt_dir: Path, rank: int) -> None:
         """Write this rank's part of the model, optimizer and scheduler state."""
 
     def load(self, ckpt_dir: Path, rank: int) -> None: ...
+
+    def export_tensors(self, rank: int, plan=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The export's tensors one at a time, gathered from the shards as they are needed (collective; rank 0
+        receives them, see distft.export_shards)."""
 
     def export(self, out_dir: Path, tokenizer, rank: int) -> None:
         """Write a plain Hugging Face directory (full model or peft adapter) loadable without distft.

@@ -81,8 +81,10 @@ class DDPStrategy:
     def local_trainable_tensors(self) -> list[torch.Tensor]:
         return self.trainable_parameters()  # a full replica
 
+    shards_parameters = False
+
     @contextlib.contextmanager
-    def generation_context(self):
+    def generation_context(self, gather: bool = True):
         yield self._module  # a full replica: no communication needed
 
     def forward_context(self):
@@ -133,10 +135,18 @@ class DDPStrategy:
         self.scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt"))
 
     def export(self, out_dir: Path, tokenizer, rank: int) -> None:
+        """Rank 0 writes its replica, one tensor at a time (no second copy of the model in host memory)."""
+        from distft.export_shards import export_plan, write_export
+
         if rank != 0:
             return
-        model = self._module
-        model.config.use_cache = True
-        model.save_pretrained(out_dir, safe_serialization=True)
-        model.config.use_cache = False
-        tokenizer.save_pretrained(out_dir)
+        plan = export_plan(self._module, precision=self.precision)
+        write_export(out_dir, self._module, plan, self.export_tensors(rank, plan), rank=rank, tokenizer=tokenizer)
+
+    def export_tensors(self, rank: int, plan=None):
+        """The export's tensors from rank 0's replica (no communication); nothing on the other ranks."""
+        from distft.export_shards import export_plan, local_tensors
+
+        if rank != 0:
+            return iter(())
+        return local_tensors(self._module, plan or export_plan(self._module, precision=self.precision), rank=rank)

@@ -49,7 +49,7 @@ RECIPE_KEYS = {
 }
 _QLORA_LOAD = ("transformers builds bitsandbytes 4-bit models without deepspeed.zero.Init; they are quantised "
                "while each rank loads them")
-_GATHER_NUMEL = 2**27  # parameters gathered at once when consolidating ZeRO-3 weights (512 MiB in fp32)
+_GATHER_NUMEL = 2**27  # parameter elements gathered at once when exporting ZeRO-3 weights (512 MiB in fp32)
 # zero_optimization keys a user may set through strategy.deepspeed that size DeepSpeed's buffers (for the planner)
 _BUFFER_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
                 "stage3_max_live_parameters", "stage3_param_persistence_threshold")
@@ -226,56 +226,55 @@ class DeepSpeedStrategy:
 
     # --- export and generation ----------------------------------------------------------------------------
     def export(self, out_dir: Path, tokenizer, rank: int) -> None:
+        """Write a plain HF model or peft adapter on rank 0 as the weights are gathered, a bounded group at a time
+        (collective): no rank holds the whole model."""
+        from distft.export_shards import export_plan, write_export
+
         module = self.unwrap()
-        adapter = hasattr(module, "peft_config")
-        # Every rank takes part in the gathers; only rank 0 keeps the tensors and writes.
-        state = self.consolidated_state_dict(trainable_only=adapter, rank=rank)
-        if rank != 0:
-            return
-        module.config.use_cache = True
-        module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        module.config.use_cache = False
-        tokenizer.save_pretrained(out_dir)
+        plan = export_plan(module, precision=self.precision)
+        write_export(out_dir, module, plan, self.export_tensors(rank, plan), rank=rank, tokenizer=tokenizer)
 
-    def consolidated_state_dict(self, *, trainable_only: bool, rank: int) -> dict[str, torch.Tensor]:
-        """Full CPU tensors of the model's parameters (only the trainable ones if asked), on rank 0; {} elsewhere.
+    def export_tensors(self, rank: int, plan=None):
+        """The export's tensors in plan order (collective: every rank iterates to the end); rank 0 gets CPU copies
+        in the export dtype, the others None.
 
-        ZeRO-3: parameters are gathered a bounded number of elements at a time (collective: all ranks call this).
-        bf16 runs export the fp32 master weights of trainable parameters rather than their bf16 working copies.
+        ZeRO-3 gathers at most `_GATHER_NUMEL` elements' worth of parameters at a time. bf16 runs read the fp32
+        master weights of trainable parameters rather than their bf16 working copies (then cast to the export dtype).
         """
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
+        from distft.export_shards import export_plan, state_tensors, to_export
+
         module = self.unwrap()
-        named = [(n, p) for n, p in module.named_parameters(remove_duplicate=False)
-                 if p.requires_grad or not trainable_only]
-        unique = list({id(p): p for _, p in named}.values())  # tied weights once, in a fixed order on all ranks
-        full: dict[int, torch.Tensor] = {}
-        for chunk in _chunks(unique, _GATHER_NUMEL):
-            gather = deepspeed.zero.GatheredParameters(chunk, modifier_rank=None) if self.zero_stage == 3 \
+        plan = plan or export_plan(module, precision=self.precision)
+        named = {name: tensor for name, tensor, _ in state_tensors(module)}
+        items = [(item, named[item.sources[0]]) for item in plan.tensors]
+        for chunk in _chunks(items, _GATHER_NUMEL, numel=lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())):
+            params = list({id(t): t for _, t in chunk if isinstance(t, torch.nn.Parameter)}.values())
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3 \
                 else contextlib.nullcontext()
             with gather:
-                for p in chunk:
-                    master = safe_get_full_fp32_param(p) if self.precision != "fp32" and p.requires_grad else None
-                    tensor = master if master is not None else p.detach()
-                    if rank == 0:
-                        full[id(p)] = tensor.to("cpu", copy=True).contiguous()
-        if rank != 0:
-            return {}
-        state = {name: full[id(p)] for name, p in named}  # tied names share one tensor, as in the model
-        if not trainable_only:
-            persistent = module.state_dict().keys()  # cheap under ZeRO-3: partitioned parameters are empty
-            state.update({n: b.detach().cpu() for n, b in module.named_buffers() if n in persistent})
-        return state
+                for item, tensor in chunk:
+                    master = None
+                    if self.precision != "fp32" and isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+                        master = safe_get_full_fp32_param(tensor)  # collective under ZeRO
+                    yield item, (to_export(master if master is not None else tensor, item) if rank == 0 else None)
+                    del master
+
+    @property
+    def shards_parameters(self) -> bool:
+        return self.zero_stage == 3
 
     @contextlib.contextmanager
-    def generation_context(self):
+    def generation_context(self, gather: bool = True):
         """ZeRO-1/2: the module itself (every rank holds all weights). ZeRO-3: every rank gathers the full weights
         for the duration and the ZeRO-3 fetch/release hooks are detached, so `generate` runs without collectives
         and ranks may take different numbers of decoding steps. The whole model must fit in one device's
-        memory next to the training state (true for LoRA/full runs of the models that train on one node)."""
+        memory next to the training state. gather=False: ZeRO-3's own hooks fetch and release each module's
+        weights around its forward, and the ranks decode in step (`synced_gpus`)."""
         module = self.unwrap()
-        if self.zero_stage < 3:
+        if self.zero_stage < 3 or not gather:
             yield module
             return
         import deepspeed
@@ -335,15 +334,16 @@ def cpu_adam_like(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parame
                             adamw_mode=isinstance(optimizer, torch.optim.AdamW))
 
 
-def _chunks(params: list[torch.nn.Parameter], max_numel: int):
-    chunk, numel = [], 0
-    for p in params:
-        n = getattr(p, "ds_numel", p.numel())
-        if chunk and numel + n > max_numel:
+def _chunks(items: list, max_numel: int, numel):
+    """`items` in consecutive groups of at most `max_numel` elements by `numel(item)` (a larger item alone)."""
+    chunk, total = [], 0
+    for item in items:
+        n = numel(item)
+        if chunk and total + n > max_numel:
             yield chunk
-            chunk, numel = [], 0
-        chunk.append(p)
-        numel += n
+            chunk, total = [], 0
+        chunk.append(item)
+        total += n
     if chunk:
         yield chunk
 

@@ -5,10 +5,16 @@ afterwards), the root module holds the rest (embeddings, final norm, LM head; ti
 uses live in the root unit). Gradients are reduce-scattered and averaged over workers, so the loss the recipe passes
 to `backward` is scaled exactly as for DDP.
 
-Loading (`rank0_load`, on by default except for QLoRA): rank 0 reads the weights, the other ranks build the model on
-the meta device; after `fully_shard` the meta ranks allocate only their shards and `set_model_state_dict(...,
-broadcast_from_rank0=True)` sends each tensor from rank 0, one at a time (the torchtitan/torchtune recipe). So only
-rank 0 ever holds the whole model, and the numbers are the same as when every rank loads (tested).
+Loading (`rank0_load`, on by default except for QLoRA) streams the checkpoint: every rank, rank 0 too, builds the
+model without weights and the method is applied to it; after `fully_shard` each rank allocates only its shards, and
+rank 0 reads the safetensors files lazily, one decoder layer at a time, broadcasting each group into everyone's
+shards before reading the next (distft.strategy.streaming). No rank ever holds the whole model: host memory at load is
+about one layer on rank 0 plus each rank's shards, and the numbers are the same as when every rank loads (tested).
+A checkpoint that cannot be streamed as it is (no safetensors, only `pytorch_model.bin`; keys that transformers
+renames or fuses while loading) falls back, with a warning that says why, to the older rank-0 load: rank 0 reads the
+whole model into host memory with `from_pretrained`, the others start from meta tensors, and after sharding
+`set_model_state_dict(..., broadcast_from_rank0=True)` sends each tensor from rank 0's copy. With `rank0_load=false`
+(and QLoRA, whose 4-bit weights bitsandbytes quantises while loading) every rank loads the whole model.
 
 Checkpoints use torch.distributed.checkpoint (DCP): every rank writes only its own shards (`__<rank>_0.distcp`) and
 rank 0 the `.metadata` index, so the ranks' directories merge into one checkpoint without name collisions.
@@ -25,7 +31,6 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -50,6 +55,7 @@ from distft.strategy.base import (
     Sharding,
     trainable_parameters,
 )
+from distft.strategy.streaming import StreamingLoad, open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,9 @@ class FSDPStrategy:
                  cpu_offload: bool = False, rank0_load: bool | None = None, **_other_strategy_options):
         self.device = device
         self.rank0_load = rank0_load  # None: on unless the model is 4-bit
-        self._broadcast_from_rank0 = False  # set by load_model: prepare must fill the other ranks' weights
+        # set by load_model: how prepare fills the weights in after sharding (streamed, or from rank 0's full copy)
+        self._streaming: StreamingLoad | None = None
+        self._broadcast_from_rank0 = False
         self.precision = precision
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
@@ -113,15 +121,28 @@ class FSDPStrategy:
         return problems
 
     def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
-        """Rank 0 reads the weights, the others build meta tensors; `prepare` broadcasts after sharding."""
-        self._broadcast_from_rank0 = settings.rank0_load(self.rank0_load, shards_parameters=True, quantized=quantized)
-        if quantized and self.rank0_load is None:
-            log.info("FSDP: every rank loads the 4-bit base (%s)", self.rank0_load_problem("qlora"))
-        if not self._broadcast_from_rank0:
+        """Every rank builds the model without weights, which `prepare` streams in from rank 0's reads after sharding
+        (see the module docstring); a checkpoint that cannot be streamed is read whole by rank 0 instead."""
+        self._streaming, self._broadcast_from_rank0 = None, False
+        if not settings.rank0_load(self.rank0_load, shards_parameters=True, quantized=quantized):
+            if quantized and self.rank0_load is None:
+                log.info("FSDP: every rank loads the 4-bit base (%s)", self.rank0_load_problem("qlora"))
             return load()
+        model = load(empty=True)
+        checkpoint, problem = open_checkpoint(model, rank)  # rank 0 decides; collective
+        if problem is None:
+            if rank == 0:
+                log.info("FSDP: every rank builds the model without weights; rank 0 streams them from %d safetensors "
+                         "file(s), one decoder layer at a time, after sharding", len(checkpoint.files))
+            self._streaming = StreamingLoad(model, checkpoint)  # parameters become CPU stand-ins (no memory)
+            return model
+        if rank == 0:
+            log.warning("FSDP: the weights cannot be streamed layer by layer because %s; rank 0 reads the whole model "
+                        "into host memory instead and broadcasts it after sharding", problem)
         # Rank 0 keeps its full copy in host memory (a 70B model fits no accelerator); `fully_shard` moves only
         # each rank's shards to the device, and the broadcast sends one tensor at a time.
-        return load(empty=True) if rank != 0 else load(device=torch.device("cpu"))
+        self._broadcast_from_rank0 = True
+        return model if rank != 0 else load(device=torch.device("cpu"))
 
     @staticmethod
     def rank0_load_problem(method: str) -> str | None:
@@ -154,6 +175,8 @@ class FSDPStrategy:
         self._layers = decoder_layers(model)
         if not self._layers:
             raise RuntimeError(f"strategy=fsdp found no '*DecoderLayer' modules in {type(model).__name__} to shard")
+        if self._streaming is not None:  # everything to meta: fully_shard then shards nothing but shapes
+            self._streaming.detach(model, self._layers)
         for layer in self._layers:
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kwargs)
         # The root (embeddings, norm, LM head) is needed again as soon as backward starts: keep it gathered.
@@ -161,6 +184,10 @@ class FSDPStrategy:
         if full_state is not None:
             self._fill_from_rank0(model, full_state)
             del full_state
+        elif self._streaming is not None:
+            self._allocate_shards(model)
+            self._streaming.fill(model, rank=dist.get_rank(), buffer_device=self.device)
+            self._streaming = None
         self._module = model
         self.sync_every_micro_batch = all(p.requires_grad for p in model.parameters())
         self.optimizer = build_optimizer(self.trainable_parameters())  # DTensor shards
@@ -169,11 +196,15 @@ class FSDPStrategy:
                  "gradient sync every micro-batch=%s)", len(self._layers), dist.get_world_size(),
                  self.reshard_after_forward, self.cpu_offload, self.sync_every_micro_batch)
 
+    def _allocate_shards(self, model: torch.nn.Module) -> None:
+        """Uninitialised memory for the meta tensors: only the local shards, since fully_shard already replaced each
+        parameter by its DTensor shard (buffers whole)."""
+        model.to_empty(device="cpu" if self.cpu_offload else self.device)
+
     def _fill_from_rank0(self, model: torch.nn.Module, full_state: dict) -> None:
         """Allocate meta ranks' shards, then send every tensor from rank 0 (collective: all ranks call this)."""
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            # Only the local shards are allocated: fully_shard already replaced each parameter by its DTensor shard.
-            model.to_empty(device="cpu" if self.cpu_offload else self.device)
+            self._allocate_shards(model)
             if self.cpu_offload:
                 for module in model.modules():  # buffers stay on the compute device under CPU offload
                     for name, buf in module._buffers.items():
@@ -237,15 +268,22 @@ class FSDPStrategy:
     def _fsdp_modules(self) -> list[FSDPModule]:
         return [m for m in self._module.modules() if isinstance(m, FSDPModule)]
 
+    shards_parameters = True
+
     @contextlib.contextmanager
-    def generation_context(self):
+    def generation_context(self, gather: bool = True):
         """Gather every layer's full weights once, so each rank can run `generate` alone for any number of steps.
+        With gather=False the model is handed out as it is: every forward gathers one layer at a time (at most
+        one layer's full weights per rank) and the ranks must decode in step (`synced_gpus`).
 
         A sharded forward is collective: ranks whose prompts stop at different lengths would wait on each other
         forever. Here all FSDP units are unsharded on entry (one all-gather per unit, on every rank together) and
         kept unsharded during the forwards, which then communicate nothing. Cost: a full replica of the weights
         on every rank for the duration (plus the KV cache), as with DDP.
         """
+        if not gather:
+            yield self._module
+            return
         modules = self._fsdp_modules()
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
@@ -298,20 +336,29 @@ class FSDPStrategy:
     # --- export -------------------------------------------------------------------------------------------
 
     def export(self, out_dir: Path, tokenizer, rank: int) -> None:
-        """Gather the full weights to rank 0 (collective) and write a plain HF model or peft adapter there."""
-        is_peft = hasattr(self._module, "peft_config")
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_peft)
-        state = get_model_state_dict(self._module, options=options)  # rank 0 only; {} elsewhere
-        if rank != 0:
-            return
-        model = self._module
-        config = model.get_base_model().config if is_peft else model.config
-        config.use_cache = True
-        # Both write config / adapter_config from the module and the weights from `state` (gathered, unsharded):
-        # peft keeps only the adapter tensors; transformers strips the "FSDP" prefix from `architectures`.
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        config.use_cache = False
-        tokenizer.save_pretrained(out_dir)
+        """Write a plain HF model or peft adapter on rank 0, gathering one parameter at a time (collective): no rank
+        ever holds more than one unsharded tensor beyond its shards."""
+        from distft.export_shards import export_plan, write_export
+
+        self._reshard_all()
+        plan = export_plan(self._module, precision=self.precision)
+        write_export(out_dir, self._module, plan, self.export_tensors(rank, plan), rank=rank, tokenizer=tokenizer)
+
+    def export_tensors(self, rank: int, plan=None):
+        """The export's tensors in plan order, each all-gathered from its shards on every rank (collective: all ranks
+        iterate to the end); rank 0 gets a CPU copy in the export dtype, the others None."""
+        from distft.export_shards import export_plan, state_tensors
+
+        self._reshard_all()
+        plan = plan or export_plan(self._module, precision=self.precision)
+        named = {name: tensor for name, tensor, _ in state_tensors(self._module)}
+        return _gather_one_at_a_time(plan, named, rank)
+
+    def _reshard_all(self) -> None:
+        """Every unit back to its shards: the root stays unsharded after a forward (reshard_after_forward=False), and
+        its parameters are then plain full tensors rather than the DTensors to gather."""
+        for module in self._fsdp_modules():
+            module.reshard()
 
 
 def _prepare_4bit_layers(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
@@ -357,3 +404,23 @@ def quant_storage_problem(quant_storage: str | None, param_dtype: str) -> str | 
     return (f"method.quant_storage={quant_storage} with trainer.precision={param_dtype}: FSDP's mixed precision would "
             f"cast the packed 4-bit weights and corrupt them; set method.quant_storage={param_dtype}, leave "
             "method.quant_storage unset (uint8), or use trainer.precision=fp32")
+
+
+def _gather_one_at_a_time(plan, named: dict[str, torch.Tensor], rank: int):
+    """(planned tensor, its full value on rank 0's CPU or None) for each tensor of `plan`, gathered one by one."""
+    from distft.export_shards import to_export
+
+    for item in plan.tensors:
+        full = _full_tensor(named[item.sources[0]])
+        yield item, (to_export(full, item) if rank == 0 else None)
+        del full
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's unsharded value (collective for a DTensor); as torch's own full-state-dict gather does, CPU-
+    offloaded shards are moved to the mesh's device first."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.device.type != tensor.device_mesh.device_type:
+        tensor = tensor.to(tensor.device_mesh.device_type)
+    return tensor.full_tensor()

@@ -73,6 +73,14 @@ def test_nan_loss_beyond_max_failures_then_corrupt_latest_checkpoint_on_uri_stor
                  f"run.resume_from={storage}/nan/checkpoint_000004")
 
     monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
+    # a complete checkpoint named explicitly starts a new run from it (Ray Train 2.x raises on TorchTrainer's
+    # resume_from_checkpoint, so the workers open run.resume_from themselves) and continues the same curve
+    good = run_tiny(tmp_path, gsm8k_dir, "from-good", "full", *COMMON, NO_EXPORT, f"run.storage_path={storage}",
+                    f"run.resume_from={storage}/nan/checkpoint_000002")
+    assert good["status"] == "completed", good["error"]
+    assert good["resumed_from"] == f"{storage}/nan/checkpoint_000002"
+    assert curve(str(tmp_path / "store" / "from-good")) == {s: v for s, v in clean_curve.items() if s > 2}
+
     rerun = run_tiny(tmp_path, gsm8k_dir, "nan", "full", *COMMON, f"run.storage_path={storage}")
     assert rerun["status"] == "completed", rerun["error"]
     assert rerun["resumed_from"] == f"{storage}/nan/checkpoint_000002"

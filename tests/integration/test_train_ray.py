@@ -121,3 +121,23 @@ def test_wandb_offline_writes_its_files_and_never_blocks(checkpointed_wandb_run)
 def test_gradient_checkpointing_does_not_change_the_math(checkpointed_wandb_run, ddp_parity_curves):
     assert checkpointed_wandb_run["status"] == "completed", checkpointed_wandb_run["error"]
     assert_curves_close(curve(checkpointed_wandb_run["run_dir"]), ddp_parity_curves["lora"], rel=1e-6)
+
+
+@pytest.mark.nightly  # ~2 min of Ray runs; tests/unit/test_resume_world_size.py covers 2->1 and 1->2 in CI
+def test_a_run_stopped_on_two_workers_resumes_on_one_with_the_same_curve(tmp_path, gsm8k_dir, ray_cluster,
+                                                                         monkeypatch):
+    # hardware=cpu keeps trainer.global_batch_size=2: 1 micro-batch per worker on 2 workers, 2 on 1 worker
+    common = ("full", "strategy=fsdp", "eval.enabled=false", "run.export=false")
+    uninterrupted = run_tiny(tmp_path, gsm8k_dir, "whole", *common)
+    assert uninterrupted["status"] == "completed", uninterrupted["error"]
+    monkeypatch.setenv("DISTFT_FAULT_AT_STEP", "3:1:sigterm")  # preempted at step 3: its checkpoint is saved
+    stopped = run_tiny(tmp_path, gsm8k_dir, "moved", *common)
+    assert stopped["status"] == "stopped", stopped["error"]
+    monkeypatch.delenv("DISTFT_FAULT_AT_STEP")
+    resumed = run_tiny(tmp_path, gsm8k_dir, "moved", *common, "scaling.num_workers=1")  # the same run, 1 worker
+    assert resumed["status"] == "completed", resumed["error"]
+    assert resumed["num_workers"] == 1 and resumed["resumed_from"].endswith("checkpoint_000003")
+    got, expected = curve(resumed["run_dir"]), curve(uninterrupted["run_dir"])
+    assert [got[s] for s in (1, 2, 3)] == [expected[s] for s in (1, 2, 3)]  # on 2 workers, as uninterrupted
+    # steps 4-6 on 1 worker, where fp32 sums each step's gradients in another order: measured 2.1e-7 relative
+    assert_curves_close(got, expected, rel=5e-7)

@@ -10,7 +10,7 @@ import torch
 from distft.data.format import IGNORE_INDEX
 from distft.data.loader import ShardedBatches, collate
 from distft.data.packing import PackedRow
-from distft.errors import DataError
+from distft.errors import DataError, UserError
 
 PAD = 0
 
@@ -53,6 +53,12 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
                 assert x[key] == y[key], key
 
 
+def position(ld: ShardedBatches) -> dict:
+    """The part of the state that names the next micro-batch."""
+    state = ld.state_dict()
+    return {"epoch": state["epoch"], "index": state["index"]}
+
+
 def loader(rows, **kw) -> ShardedBatches:
     args = {"micro_batch_size": 2, "rank": 0, "world_size": 1, "seed": 0} | kw
     return ShardedBatches(rows, **args)
@@ -65,7 +71,7 @@ def test_epoch_order_follows_seeded_randperm():
         perm = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
         got = [r for batch in ld for r in row_ids(batch)]
         assert got == perm[1::2][:5]
-    assert ld.state_dict() == {"epoch": 3, "index": 0}
+    assert position(ld) == {"epoch": 3, "index": 0}
 
 
 def test_same_seed_same_batches_other_seed_or_epoch_other_order():
@@ -106,7 +112,7 @@ def test_resume_yields_exactly_the_same_next_batches(consumed):
     it = original.forever()
     take(it, consumed)
     state = original.state_dict()
-    assert state == {"epoch": consumed // 4, "index": consumed % 4}
+    assert position(original) == {"epoch": consumed // 4, "index": consumed % 4}
 
     resumed = loader(rows, **kw)
     resumed.load_state_dict(dict(state))
@@ -117,21 +123,21 @@ def test_state_is_advanced_when_a_batch_is_handed_out():
     ld = loader(packed_rows(8), micro_batch_size=2)  # 4 batches per epoch
     it = iter(ld)
     next(it)
-    assert ld.state_dict() == {"epoch": 0, "index": 1}  # a checkpoint now resumes at the next batch
+    assert position(ld) == {"epoch": 0, "index": 1}  # a checkpoint now resumes at the next batch
     for _ in range(3):
         next(it)
-    assert ld.state_dict() == {"epoch": 1, "index": 0}
+    assert position(ld) == {"epoch": 1, "index": 0}
     with pytest.raises(StopIteration):
         next(it)
     assert len(list(ld)) == 4  # the next `for` loop is the whole of epoch 1
-    assert ld.state_dict() == {"epoch": 2, "index": 0}
+    assert position(ld) == {"epoch": 2, "index": 0}
 
 
 def test_iter_resumes_mid_epoch_and_stops_at_epoch_end():
     ld = loader(packed_rows(8), micro_batch_size=2)
     ld.load_state_dict({"epoch": 1, "index": 3})
     assert len(list(ld)) == 1
-    assert ld.state_dict() == {"epoch": 2, "index": 0}
+    assert position(ld) == {"epoch": 2, "index": 0}
 
 
 @pytest.mark.parametrize("state", [{"epoch": 0, "index": 4}, {"epoch": -1, "index": 0}])
@@ -172,6 +178,104 @@ def test_too_few_rows_for_the_ranks():
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         loader(packed_rows(4), **kw)
+
+
+# --- resuming on another number of workers --------------------------------------------------------------
+
+
+def step_rows(rows, *, world: int, micro: int, global_batch: int, steps: int, state: dict | None = None,
+              saved_at: int = 0) -> list[list[int]]:
+    """The rows each optimizer step trains on, all workers together, as the loop draws them: every rank takes
+    global_batch // (world * micro) micro-batches per step. `state` (saved after `saved_at` steps): resume there.
+
+    "The same rows" means the same set of rows per step: which worker and micro-batch holds a row differs between
+    layouts, and does not matter, since a step's loss is normalised by the step's answer tokens."""
+    loaders = [loader(rows, micro_batch_size=micro, rank=r, world_size=world, seed=3) for r in range(world)]
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(dict(state), step=saved_at, global_batch_size=global_batch)
+    streams = [ld.forever() for ld in loaders]
+    accum = global_batch // (world * micro)
+    out = []
+    for _ in range(steps):
+        out.append(sorted(r for it in streams for batch in take(it, accum) for r in row_ids(batch)))
+    return out
+
+
+def saved_state(rows, *, world: int, micro: int, global_batch: int, steps: int) -> dict:
+    """Rank 0's loader state after `steps` steps (every rank's position is the same)."""
+    ld = loader(rows, micro_batch_size=micro, rank=0, world_size=world, seed=3)
+    take(ld.forever(), steps * global_batch // (world * micro))
+    return ld.state_dict()
+
+
+# (rows, old workers, old micro-batch, new workers, new micro-batch, global batch); the resumed steps cross epochs
+LAYOUTS = [(22, 2, 1, 1, 1, 4), (22, 1, 1, 2, 1, 4), (24, 2, 1, 4, 1, 8), (40, 4, 2, 2, 2, 16),
+           (22, 2, 1, 1, 2, 4),  # W x b kept: the same micro-batches ...
+           (22, 2, 2, 1, 4, 8),  # ... even where an epoch ends on a short one (11 rows per worker, micro-batch 2)
+           (24, 1, 2, 1, 1, 4)]  # only the micro-batch size changes
+
+
+@pytest.mark.parametrize("n,old_world,old_micro,new_world,new_micro,global_batch", LAYOUTS)
+@pytest.mark.parametrize("saved_at", [1, 3, 6])
+def test_resume_on_another_layout_trains_every_step_on_the_rows_of_an_uninterrupted_run(
+        n, old_world, old_micro, new_world, new_micro, global_batch, saved_at):
+    rows, more = packed_rows(n), 9
+    old = {"world": old_world, "micro": old_micro, "global_batch": global_batch}
+    new = {"world": new_world, "micro": new_micro, "global_batch": global_batch}
+    state = saved_state(rows, **old, steps=saved_at)
+    assert state["world_size"] == old_world and state["micro_batch_size"] == old_micro
+    resumed = step_rows(rows, **new, steps=more, state=state, saved_at=saved_at)
+    uninterrupted_new = step_rows(rows, **new, steps=saved_at + more)
+    uninterrupted_old = step_rows(rows, **old, steps=saved_at + more)
+    assert resumed == uninterrupted_new[saved_at:]  # the curve the new layout would have drawn ...
+    assert uninterrupted_new == uninterrupted_old  # ... which is the old layout's, step for step, from step 1
+    assert len(resumed) == more and all(resumed)
+
+
+def test_a_position_saved_with_the_same_layout_or_without_one_is_taken_as_it_is():
+    ld = loader(packed_rows(8), micro_batch_size=2, world_size=2)
+    ld.load_state_dict({"epoch": 4, "index": 1})  # a checkpoint of a distft that recorded no layout
+    assert position(ld) == {"epoch": 4, "index": 1}
+    ld.load_state_dict({**ld.state_dict(), "epoch": 2})  # no step or global batch needed
+    assert position(ld) == {"epoch": 2, "index": 1}
+    with pytest.raises(ValueError, match="needs the step"):
+        ld.load_state_dict({**ld.state_dict(), "world_size": 1})
+
+
+def _refusal(n, old_world, old_micro, new_world, new_micro, global_batch, *, saved_at=2, new_global=None,
+             **new_kw) -> str:
+    state = saved_state(packed_rows(n), world=old_world, micro=old_micro, global_batch=global_batch, steps=saved_at)
+    ld = loader(packed_rows(new_kw.pop("rows", n)), micro_batch_size=new_micro, rank=0, world_size=new_world,
+                **{"seed": 3, **new_kw})
+    with pytest.raises(UserError) as refused:
+        ld.load_state_dict(state, step=saved_at, global_batch_size=new_global or global_batch)
+    return str(refused.value)
+
+
+def test_an_epoch_of_other_rows_is_refused_with_the_worker_counts_that_would_work():
+    message = _refusal(23, 2, 1, 1, 1, 4)  # 2 workers keep 11 rows each of 23, 1 worker all of them
+    assert "an epoch trains on 22 of the 23 rows on 2 worker(s) but on 23 on 1" in message
+    assert message.endswith(". Resume with scaling.num_workers=2")
+    message = _refusal(26, 2, 1, 4, 1, 8)  # 26 rows on 2 workers, 24 on 4: 1 worker keeps all 26 too
+    assert "but on 24 on 4" in message
+    assert message.endswith(". Resume with scaling.num_workers=2 (or scaling.num_workers=1)")
+
+
+def test_steps_that_would_cut_the_epochs_elsewhere_are_refused():
+    # 11 rows per worker in micro-batches of 2: each epoch ends on a micro-batch of 1 row per worker, which 1
+    # worker with micro-batches of 2 would not have, so steps after the first epoch end would hold other rows
+    message = _refusal(22, 2, 2, 1, 2, 8)
+    assert "steps would cut the epochs at other rows (11 rows per worker on 2 worker(s)" in message
+    assert message.endswith(". Resume with scaling.num_workers=2")
+
+
+def test_another_global_batch_or_other_data_is_refused():
+    message = _refusal(24, 2, 1, 1, 1, 4, new_global=8)
+    assert "not where 2 steps of 8 rows on 2 worker(s) end: it was trained with another trainer.global_batch_size" \
+        in message
+    assert "training rows" in _refusal(22, 2, 1, 1, 1, 4, rows=24)
+    assert "seed=3 shuffle=True, this run with seed=4" in _refusal(22, 2, 1, 1, 1, 4, seed=4)
 
 
 # --- collation ----------------------------------------------------------------------------------------

@@ -195,6 +195,35 @@ def test_llama2_70b_full_on_32_24gb_gpus_needs_optimizer_offload():
     assert any("before sharding" in n for n in everywhere.memory.notes)
 
 
+@pytest.mark.parametrize("method,group_params_bytes", [("lora", 2), ("full", 4)])
+def test_llama2_70b_fsdp_streams_its_load_through_one_layer_group_of_host_ram(method, group_params_bytes):
+    """FSDP's rank-0 loading streams the checkpoint (distft.strategy.streaming): host RAM per 8-GPU node at load is
+    one decoder layer in the load dtype (bf16 base for LoRA, fp32 for full), not the model (128-257 GiB); the issue's
+    bound is 60 GB per node."""
+    cfg = compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x", "strategy=fsdp",
+                       "trainer.gradient_checkpointing=true"])
+    plan = plan_config(cfg)
+    layer = plan.shape.layer_params() * group_params_bytes
+    assert plan.memory.host_per_node_load == layer
+    assert plan.memory.host_per_node_load < 60e9 / 8  # far below the bound: a bf16 70B layer is 1.7 GB
+    assert any("streamed" in n for n in plan.memory.notes)
+    everywhere = plan_config(compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x",
+                                          "strategy=fsdp", "strategy.rank0_load=false"]))
+    assert everywhere.memory.host_per_node_load > 8 * 100 * GiB  # every rank builds the whole model first
+
+
+def test_llama2_70b_lora_fsdp_generates_layer_by_layer_when_the_gathered_model_would_not_fit():
+    base = ["+experiment=gsm8k_lora", "model=llama2_70b", "hardware=h100_8x", "strategy=fsdp",
+            "trainer.gradient_checkpointing=true", "run.export=false"]
+    auto = plan_config(compose_cfg(base))
+    full = plan_config(compose_cfg([*base, "eval.gather=full"]))
+    assert full.memory.phases["eval"]["rank0"] > 80 * GiB  # 129 GiB of bf16 weights on every GPU
+    assert auto.memory.phases["eval"]["rank0"] < 30 * GiB and auto.fits
+    assert any("eval.gather=auto" in n for n in auto.memory.notes)
+    small = plan_config(compose_cfg(["+experiment=gsm8k_full", "model=llama2_7b", "hardware=h100_8x"]))
+    assert not any("eval.gather" in n for n in small.memory.notes)  # 7B's gathered weights fit: gathered once
+
+
 # --- behaviour across settings -----------------------------------------------------------------------------
 
 def test_sharding_and_checkpointing_lower_the_peak():
@@ -349,10 +378,23 @@ def test_a_run_that_does_not_fit_is_refused_with_an_alternative_that_keeps_the_m
 def test_only_when_no_setting_fits_with_the_method_another_method_is_named():
     from distft.plan import PlanRefused, check_plan
 
-    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.host_memory_gb=8"])
-    with pytest.raises(PlanRefused, match=r"(?s)host RAM per node while loading \(1 worker per node\).*"
+    # 7B LoRA on one 12 GB GPU with 8 GB of host RAM: the bf16 base fits neither the device nor, offloaded, the host
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.gpu_memory_gb=12",
+                       "hardware.host_memory_gb=8"])
+    with pytest.raises(PlanRefused, match=r"(?s)hardware.gpu_memory_gb=12 gives 12.0 GiB.*"
                                           r"No setting .* fits with method=lora.*"
                                           r"With another method: (strategy=\S+ )?method=qlora"):
+        check_plan(cfg)
+
+
+def test_a_streamed_fsdp_load_fits_a_node_whose_host_ram_holds_less_than_the_model():
+    """7B LoRA on one GPU with 8 GB of host RAM: DDP builds the bf16 model in host RAM first (12.6 GiB) and is
+    refused; FSDP streams one layer at a time into the shard, which fits, and is named as the alternative."""
+    from distft.plan import PlanRefused, check_plan
+
+    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.host_memory_gb=8"])
+    with pytest.raises(PlanRefused, match=r"(?s)host RAM per node while loading \(1 worker per node\).*"
+                                          r"Fits with the same method \(lora\): strategy=fsdp"):
         check_plan(cfg)
 
 

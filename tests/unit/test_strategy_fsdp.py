@@ -226,19 +226,26 @@ def test_rank0_load_is_refused_where_it_cannot_work():
         assert "method=qlora" in problem and "remove strategy.rank0_load" in problem
 
 
-def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the_rng_alone():
-    from distft.model import load_model
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_empty_model_has_the_architecture_but_reads_no_weights_and_leaves_the_rng_alone(dtype):
+    from distft.model import WeightSource, load_model
 
     model_dir = tiny_model_dir()
     torch.manual_seed(0)
-    empty = load_model(model_dir, empty=True)
+    empty = load_model(model_dir, empty=True, dtype=dtype)
     after_empty = torch.rand(1)
     torch.manual_seed(0)
-    full = load_model(model_dir)
+    full = load_model(model_dir, dtype=dtype)
     assert torch.equal(torch.rand(1), after_empty)  # LoRA init after loading is the same either way
-    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    assert all(p.is_meta for p in empty.parameters())
     assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
         [(n, p.shape, p.dtype) for n, p in full.named_parameters()]
+    # buffers (the rotary inv_freq, in no checkpoint) are computed as a load computes them: nothing fills them later
+    buffers = dict(full.named_buffers())
+    assert buffers and dict(empty.named_buffers()).keys() == buffers.keys()
+    for name, buf in empty.named_buffers():
+        assert buf.dtype == buffers[name].dtype and torch.equal(buf, buffers[name]), name
+    assert empty.weight_source == WeightSource(model_dir)  # where a streaming load reads the weights
     assert empty.generation_config.to_dict() == full.generation_config.to_dict()  # same greedy decoding
     assert empty.config.use_cache is False
     with pytest.raises(ValueError, match="4-bit"):

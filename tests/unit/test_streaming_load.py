@@ -1,0 +1,268 @@
+"""Streaming rank-0 load under FSDP (distft.strategy.streaming): every rank builds the model without weights, rank 0
+reads the safetensors checkpoint one decoder layer at a time into everyone's shards.
+
+The single-process tests check the pieces (finding the files, what cannot be streamed, the stand-ins peft sets up
+its adapters on). One pair of spawned gloo ranks runs every two-rank case (tied and untied embeddings, one file and a
+sharded index, full and LoRA, fp32 and a bf16 cast, a .bin-only checkpoint that falls back) loaded both ways, and
+checks that the model that trains is the same bit for bit and that rank 0 never held more than one layer group.
+"""
+
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from distft.errors import UserError
+from distft.model import WeightSource, ensure_random_model, load_model
+from distft.strategy.streaming import StreamingLoad, adapter_problem, open_checkpoint
+from tests.conftest import rank_env
+
+# 4 layers with a small vocabulary, so that a decoder layer (148 kB) is the largest group and the model ~6 of them
+SHAPE = dict(vocab_size=512, num_layers=4)
+
+
+def _write_checkpoints(root: Path) -> dict[str, str]:
+    """The same random Llama as a sharded safetensors checkpoint (index + several files) and as .bin only, and a
+    tied-embedding Llama in one model.safetensors."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    base = ensure_random_model(**SHAPE)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    dirs = {name: root / name for name in ("sharded", "bin", "tied")}
+    model.save_pretrained(dirs["sharded"], max_shard_size="100KB")
+    model.config.save_pretrained(dirs["bin"])
+    torch.save(model.state_dict(), dirs["bin"] / "pytorch_model.bin")
+    config = LlamaConfig.from_pretrained(base)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(dirs["tied"])
+    return {name: str(d) for name, d in dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    return _write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+# --- pieces, in this process ------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_files_are_found_as_from_pretrained_finds_them(checkpoints):
+    sharded = WeightSource(checkpoints["sharded"]).safetensors_files()
+    assert len(sharded) > 3 and all(Path(f).parent == Path(checkpoints["sharded"]) for f in sharded)
+    assert [Path(f).name for f in WeightSource(checkpoints["tied"]).safetensors_files()] == ["model.safetensors"]
+    assert WeightSource(checkpoints["bin"]).safetensors_files() == []
+
+
+def test_checkpoints_that_cannot_be_streamed_as_they_are_say_why(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, problem = open_checkpoint(load_model(checkpoints["tied"], empty=True), rank=0)
+    assert problem is None and set(checkpoint.shapes) == {n for n, _ in
+                                                          load_model(checkpoints["tied"]).named_parameters()}
+    checkpoint, problem = open_checkpoint(load_model(checkpoints["bin"], empty=True), rank=0)
+    assert checkpoint is None and "has no safetensors weights" in problem and "save_pretrained" in problem
+    # a tensor missing and one of another shape: from_pretrained would initialise or refuse them
+    state = load_file(Path(checkpoints["tied"]) / "model.safetensors")
+    del state["model.norm.weight"]
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:2].contiguous()
+    for name in ("config.json", "generation_config.json"):
+        if (Path(checkpoints["tied"]) / name).exists():
+            (tmp_path / name).write_bytes((Path(checkpoints["tied"]) / name).read_bytes())
+    save_file(state, tmp_path / "model.safetensors")
+    checkpoint, problem = open_checkpoint(load_model(str(tmp_path), empty=True), rank=0)
+    assert checkpoint is None
+    assert "has no tensor for model.norm.weight" in problem and "model.layers.0.mlp.up_proj.weight [2, 64]" in problem
+
+
+def _lora(model):
+    from distft.methods import apply_method
+
+    torch.manual_seed(0)  # as the recipe seeds before loading: identical adapters on every rank
+    return apply_method(model, name="lora", lora_r=4, lora_dropout=0.0, target_modules=["all-linear"])
+
+
+def test_adapters_set_up_on_stand_ins_are_those_of_a_loaded_model(checkpoints):
+    empty = load_model(checkpoints["sharded"], empty=True)
+    StreamingLoad(empty, checkpoint=None)
+    for p in empty.parameters():  # CPU, so peft keeps its adapters there, but one element of memory each
+        assert not p.is_meta and p.untyped_storage().nbytes() == p.element_size()
+    streamed, loaded = _lora(empty), _lora(load_model(checkpoints["sharded"]))
+    adapters = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert len(adapters) == 4 * 7 * 2
+    for name, p in streamed.named_parameters():
+        if name in adapters:
+            assert torch.equal(p, adapters[name]), name
+    assert adapter_problem(streamed) is None
+
+
+@pytest.mark.parametrize("config", [{"use_dora": True}, {"init_lora_weights": "olora"},
+                                    {"modules_to_save": ["lm_head"]}])
+def test_adapter_setups_that_read_the_base_weights_are_refused(checkpoints, config):
+    from peft import LoraConfig, get_peft_model
+
+    load = StreamingLoad(load_model(checkpoints["sharded"], empty=True), checkpoint=None)
+    # set up on loaded weights here: on stand-ins some of these fail outright (OLoRA writes into the base weight)
+    model = get_peft_model(load_model(checkpoints["sharded"]), LoraConfig(r=2, target_modules=["q_proj"], **config))
+    with pytest.raises(UserError, match=r"strategy.rank0_load=false"):
+        load.detach(model, layers=[])
+
+
+# --- two ranks ----------------------------------------------------------------------------------------------------
+
+CASES = [(ckpt, method, "fp32") for ckpt in ("sharded", "tied") for method in ("full", "lora")]
+CASES += [("sharded", "full", "bf16")]  # fp32 checkpoint cast to the bf16 load dtype tensor by tensor
+
+
+class _HeldBytes:
+    """Wraps safetensors' safe_open to count the bytes of the tensors read and still alive (a weak reference
+    finalizer per tensor), and the most alive at once."""
+
+    live = peak = 0
+
+    def __init__(self, *args, **kwargs):
+        from safetensors import safe_open
+
+        self._file = safe_open(*args, **kwargs)
+
+    def keys(self):
+        return self._file.keys()
+
+    def get_slice(self, key):
+        return self._file.get_slice(key)
+
+    def get_tensor(self, key):
+        tensor = self._file.get_tensor(key)
+        size = tensor.numel() * tensor.element_size()
+        _HeldBytes.live += size
+        _HeldBytes.peak = max(_HeldBytes.peak, _HeldBytes.live)
+        weakref.finalize(tensor, _HeldBytes._release, size)
+        return tensor
+
+    @staticmethod
+    def _release(size: int) -> None:
+        _HeldBytes.live -= size
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.live = cls.peak = 0
+
+
+def _run_case(rank: int, model_dir: str, method: str, dtype: str, streamed: bool) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from distft.methods import apply_method
+    from distft.strategy.fsdp import FSDPStrategy
+
+    strategy = FSDPStrategy(device=torch.device("cpu"), precision="fp32", rank0_load=streamed)
+    read_whole = []  # load() calls that read weights (not empty=True)
+
+    def load(**kwargs):
+        read_whole.append(not kwargs.get("empty"))
+        return load_model(model_dir, dtype=dtype, **kwargs)
+
+    _HeldBytes.reset()
+    torch.manual_seed(0)  # as the recipe does before loading: identical LoRA init on every rank
+    model = strategy.load_model(load, rank=rank, quantized=False)
+    streaming = strategy._streaming is not None
+    model = apply_method(model, name=method, lora_r=4, lora_dropout=0.0, target_modules=["all-linear"])
+    strategy.prepare(model, lambda params: torch.optim.AdamW(params, lr=1e-2),
+                     lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    peak = _HeldBytes.peak
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in strategy.model.named_parameters()}
+    result = {"params": full, "buffers": {n: b.clone() for n, b in strategy.model.named_buffers()},
+              "streaming": streaming, "read_whole": any(read_whole), "peak": peak}
+    if dtype != "fp32":
+        return result
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(rank))
+    losses = []
+    for _ in range(2):
+        with strategy.sync_context(sync=True):
+            loss = strategy.model(input_ids=ids, labels=ids, use_cache=False).loss
+            strategy.backward(loss)
+        losses.append(float(loss.detach()))
+        strategy.step(1.0)
+    return {**result, "losses": losses}
+
+
+def _worker(rank: int, port: int, _tiny_model_dir: str, out_dir: str) -> None:
+    rank_env(rank, port)
+    import torch.distributed as dist
+
+    import distft.strategy.streaming as streaming
+
+    torch.set_num_threads(1)
+    streaming.safe_open = _HeldBytes  # count what rank 0 holds
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dirs = torch.load(Path(out_dir) / "dirs.pt")
+    results = {}
+    for ckpt, method, dtype in CASES:
+        for streamed in (False, True):
+            results[(ckpt, method, dtype, streamed)] = _run_case(rank, dirs[ckpt], method, dtype, streamed)
+    results[("bin", "full", "fp32", True)] = _run_case(rank, dirs["bin"], "full", "fp32", True)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[int, dict]:
+    from tests.integration.conftest import spawn_two_ranks
+
+    out = tmp_path_factory.mktemp("streaming")
+    torch.save(_write_checkpoints(out), out / "dirs.pt")
+    spawn_two_ranks(_worker, out, "streaming load")
+    return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt,method,dtype", CASES, ids=["-".join(c) for c in CASES])
+def test_streaming_load_trains_the_same_model_as_loading_everywhere(ckpt, method, dtype, results):
+    for rank in (0, 1):
+        everywhere, streamed = results[rank][(ckpt, method, dtype, False)], results[rank][(ckpt, method, dtype, True)]
+        assert streamed["streaming"] and not everywhere["streaming"]
+        assert not streamed["read_whole"] and everywhere["read_whole"]  # no rank called from_pretrained
+        _assert_same(streamed["params"], everywhere["params"])  # base weights and LoRA adapters
+        _assert_same(streamed["buffers"], everywhere["buffers"])  # rotary inv_freq
+        assert streamed.get("losses") == everywhere.get("losses")  # first step's loss and the update it makes
+    params = results[0][(ckpt, method, dtype, True)]["params"]
+    if ckpt == "tied":
+        assert not any(n.endswith("lm_head.weight") for n in params)  # one parameter, shared with the embedding
+    assert sum("lora_" in n for n in params) == (4 * 7 * 2 if method == "lora" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_rank0_never_holds_more_than_one_decoder_layer_of_the_checkpoint(method, results):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(ensure_random_model(**SHAPE), dtype=torch.float32)
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    layer = max(size(layer.parameters()) for layer in reference.model.layers)
+    model = size(reference.parameters())
+    assert layer > max(p.numel() * p.element_size() for n, p in reference.named_parameters() if "layers" not in n)
+    assert results[0][("sharded", method, "fp32", True)]["peak"] == layer  # one layer group at a time
+    assert layer < model / 5
+    assert results[1][("sharded", method, "fp32", True)]["peak"] == 0  # the other rank reads nothing
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_safetensors_falls_back_to_rank0_reading_it_whole(results):
+    for rank in (0, 1):
+        fallback = results[rank][("bin", "full", "fp32", True)]
+        assert not fallback["streaming"]
+        assert fallback["read_whole"] is (rank == 0)
+        everywhere = results[rank][("sharded", "full", "fp32", False)]  # the same weights, loaded by every rank
+        _assert_same(fallback["params"], everywhere["params"])
+        assert fallback["losses"] == everywhere["losses"]
