@@ -2,16 +2,17 @@
 fully gathered model does, with a different number of prompts per rank (two gloo ranks, no Ray)."""
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from distft.config.validate import CHOICES
+from tests.conftest import rank_env
+from tests.integration.conftest import spawn_two_ranks
 
 
-def _worker(rank: int, init_file: str, results: str, model_dir: str, data_dir: str) -> None:
+def _worker(rank: int, port: int, model_dir: str, results: str) -> None:
+    rank_env(rank, port)
     import torch.distributed as dist
 
     from distft.data import load_examples
@@ -22,13 +23,13 @@ def _worker(rank: int, init_file: str, results: str, model_dir: str, data_dir: s
     from distft.strategy.fsdp import FSDPStrategy
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     strategy = FSDPStrategy(device=torch.device("cpu"), precision="fp32", rank0_load=False)
     strategy.prepare(model, lambda params: torch.optim.AdamW(params, lr=1e-3),
                      lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    examples = load_examples("gsm8k", data_dir, "test", limit=3)  # rank 0 answers 2, rank 1 one (+ a filler)
+    examples = load_examples("gsm8k", Path(results, "data_dir").read_text(), "test", limit=3)  # rank 0 answers 2, rank 1 one (+ a filler)
     kwargs = dict(task=get_task("gsm8k"), template="auto", max_new_tokens=6, batch_size=1, rank=rank, world=2,
                   stop=NO_STOP, label="test")
     calls = []
@@ -51,19 +52,8 @@ def _worker(rank: int, init_file: str, results: str, model_dir: str, data_dir: s
 
 
 def test_layerwise_generation_answers_as_the_gathered_model_with_uneven_prompts_per_rank(tmp_path, gsm8k_dir):
-    import torch.multiprocessing as mp
-
-    from tests.conftest import tiny_model_dir
-
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "pg"), str(tmp_path), tiny_model_dir(), str(gsm8k_dir)),
-                             nprocs=2, join=False, start_method="spawn")
-    for _ in range(180):  # a rank left waiting in a collective fails the test instead of blocking the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            os.kill(p.pid, 9)
-        pytest.fail("layerwise generation on two ranks hung")
+    (tmp_path / "data_dir").write_text(str(gsm8k_dir))
+    spawn_two_ranks(_worker, tmp_path, "layerwise generation")
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for result in results:
         assert len(result["layerwise"]) == 3

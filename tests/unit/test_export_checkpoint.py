@@ -8,21 +8,19 @@ DDP checkpoints and the converter's errors are checked in this process.
 """
 
 import json
-import multiprocessing
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from distft.checkpoint import save_checkpoint
 from distft.errors import UserError
 from distft.export_checkpoint import export_checkpoint, main
 from tests.conftest import compose_cfg, rank_env, tiny_model_dir
+from tests.export_helpers import weights as _weights
+from tests.integration.conftest import spawn_two_ranks
 
 LORA = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 METHODS = ("full", "lora")
@@ -60,6 +58,21 @@ def _train(strategy, model, rank: int) -> None:
         strategy.model(input_ids=ids, use_cache=False)
 
 
+def _checkpoint_and_check(run: Path, strategy, rank: int, method: str, strategy_name: str, check: dict) -> None:
+    """Each rank writes its part of a step-2 checkpoint into its own directory and rank 0 merges them, as Ray would;
+    each rank's export check goes next to it."""
+    import torch.distributed as dist
+
+    save_checkpoint(run / f"rank{rank}", strategy=strategy, rank=rank, world_size=2, step=2, loader_state={},
+                    info={"method": method, "strategy": strategy_name, "model": "tiny_llama"})
+    dist.barrier()
+    if rank == 0:
+        for r in range(2):
+            shutil.copytree(run / f"rank{r}", run / "checkpoint_000002", dirs_exist_ok=True)
+    (run / f"check_rank{rank}.json").write_text(json.dumps(check))
+    dist.barrier()
+
+
 def _fsdp_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     rank_env(rank, port)
     import torch.distributed as dist
@@ -95,15 +108,7 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
             tokenizer.save_pretrained(run / "old")
         del state
 
-        # each rank writes its part of the checkpoint into its own directory; Ray would merge them
-        save_checkpoint(run / f"rank{rank}", strategy=strategy, rank=rank, world_size=2, step=2, loader_state={},
-                        info={"method": method, "strategy": "fsdp", "model": "tiny_llama"})
-        dist.barrier()
-        if rank == 0:
-            for r in range(2):
-                shutil.copytree(run / f"rank{r}", run / "checkpoint_000002", dirs_exist_ok=True)
-        (run / f"check_rank{rank}.json").write_text(json.dumps(check))
-        dist.barrier()
+        _checkpoint_and_check(run, strategy, rank, method, "fsdp", check)
     dist.destroy_process_group()
 
 
@@ -144,37 +149,8 @@ def _zero3_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
             tokenizer.save_pretrained(run / "old")
         del state
 
-        save_checkpoint(run / f"rank{rank}", strategy=strategy, rank=rank, world_size=2, step=2, loader_state={},
-                        info={"method": method, "strategy": "zero3", "model": "tiny_llama"})
-        dist.barrier()
-        if rank == 0:
-            for r in range(2):
-                shutil.copytree(run / f"rank{r}", run / "checkpoint_000002", dirs_exist_ok=True)
-        (run / f"check_rank{rank}.json").write_text(json.dumps(check))
-        dist.barrier()
+        _checkpoint_and_check(run, strategy, rank, method, "zero3", check)
     dist.destroy_process_group()
-
-
-def _spawn_two_ranks(target, out_dir: Path) -> None:
-    """Run `target(rank, port, model_dir, out_dir)` on two spawned ranks; fail (not hang) when one fails."""
-    model_dir = tiny_model_dir()
-    ctx = multiprocessing.get_context("spawn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=target, args=(r, port, model_dir, str(out_dir))) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + 300
-    while any(p.is_alive() for p in procs) and time.time() < deadline:
-        if any(p.exitcode not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +158,7 @@ def fsdp_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp-export")
     for method in METHODS:
         _write_config(out / method, method, "fsdp")
-    _spawn_two_ranks(_fsdp_worker, out)
+    spawn_two_ranks(_fsdp_worker, out, "FSDP export")
     return out
 
 
@@ -192,14 +168,7 @@ def zero3_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("zero3-export")
     for method in METHODS:
         _write_config(out / method, method, "zero3")
-    _spawn_two_ranks(_zero3_worker, out)
-    return out
-
-
-def _weights(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
+    spawn_two_ranks(_zero3_worker, out, "ZeRO-3 export")
     return out
 
 

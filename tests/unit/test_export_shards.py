@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from distft.export import choose_export_check, export_and_verify, verify_export_tensors
 from distft.export_shards import (
@@ -21,6 +20,7 @@ from distft.export_shards import (
 )
 from distft.strategy.ddp import DDPStrategy
 from tests.conftest import tiny_llama_model
+from tests.export_helpers import weights as _weights
 
 
 class _NoTokenizer:
@@ -42,13 +42,6 @@ def _export(model, out: Path, *, precision: str = "fp32", **kwargs):
 
 def _files(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
-
-
-def _weights(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def _assert_same_weights(actual: Path, expected: Path) -> None:
