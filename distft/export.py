@@ -10,7 +10,7 @@ import torch
 
 from distft import dist
 from distft.dtypes import torch_dtype
-from distft.export_shards import check_export_tensors
+from distft.export_shards import check_export_tensors, export_plan
 from distft.model import count_params, load_model
 from distft.progress import step
 from distft.stop import NO_STOP, StopCheck
@@ -43,6 +43,9 @@ def export_and_verify(strategy, tokenizer, *, export_dir: Path, probe: torch.Ten
     if rank == 0:  # rank 0 decides (its device would hold the reload); all follow, as the tensor check is collective
         size = reload_size(strategy.unwrap(), dtype=dtype, quantized=quant_config is not None)
         mode = choose_export_check(check, reload_bytes=size, free_bytes=free_memory_bytes(device))
+        if mode == "tensors" and export_plan(strategy.unwrap(), precision=precision).converted_on_save:
+            log.info("export check: transformers converted the weights' names on save; reloading it instead")
+            mode = "logits"
     mode = dist.all_gather_objects(mode)[0]
     info = None
     if mode == "tensors":

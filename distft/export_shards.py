@@ -62,6 +62,9 @@ class ExportPlan:
 
     adapter: bool
     tensors: tuple[ExportTensor, ...]
+    # transformers renames or re-lays out this model's weights on save (fused MoE experts, legacy names): the files
+    # then hold other names than the plan, so `write_export` hands the gathered tensors to `save_pretrained`
+    converted_on_save: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +121,7 @@ def full_model_plan(model: torch.nn.Module, *, dtype: torch.dtype | None = None)
         aliases = tuple(groups[id(tensor)])
         tensors.append(ExportTensor(name, (name, *(a for a in aliases if a != name)), full_shape(tensor), out,
                                     parameter=is_param))
-    _check_no_weight_conversion(model, tensors)
-    return ExportPlan(adapter=False, tensors=tuple(tensors))
+    return ExportPlan(adapter=False, tensors=tuple(tensors), converted_on_save=_converted_on_save(model, tensors))
 
 
 def _tied_names_to_drop(model: torch.nn.Module, shared: list[list[str]]) -> set[str]:
@@ -141,23 +143,19 @@ def _tied_names_to_drop(model: torch.nn.Module, shared: list[list[str]]) -> set[
     return dropped
 
 
-def _check_no_weight_conversion(model: torch.nn.Module, tensors: list[ExportTensor]) -> None:
-    """transformers 5 can rename or re-layout weights on save (fused MoE experts, legacy names). Streaming writes
-    tensors as the model names them, so refuse a model whose save would change them rather than write a checkpoint
-    `from_pretrained` misreads."""
+def _converted_on_save(model: torch.nn.Module, tensors: list[ExportTensor]) -> bool:
+    """Whether transformers 5 renames or re-lays out this model's weights on save (fused MoE experts, legacy
+    names), judged on shape-only tensors."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4: no conversions on save
-        return
+        return False
     meta = {t.name: torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors}
     try:
         reverted = revert_weight_conversion(model, dict(meta))
-    except Exception as e:  # noqa: BLE001 - a conversion that needs real values
-        raise NotImplementedError(f"{type(model).__name__}: the streaming export cannot apply transformers' weight "
-                                  f"conversions on save ({e})") from e
-    if set(reverted) != set(meta) or any(reverted[k].shape != meta[k].shape for k in meta):
-        raise NotImplementedError(f"{type(model).__name__}: transformers renames or re-lays out its weights on save "
-                                  "(weight conversions); the streaming export writes the model's own names only")
+    except Exception:  # noqa: BLE001 - a conversion that needs real values
+        return True
+    return set(reverted) != set(meta) or any(reverted[k].shape != meta[k].shape for k in meta)
 
 
 def adapter_plan(model: torch.nn.Module) -> ExportPlan:
@@ -349,6 +347,11 @@ def write_export(out_dir: Path, module: torch.nn.Module, plan: ExportPlan,
         return
     weights_name = ADAPTER_WEIGHTS_NAME if plan.adapter else WEIGHTS_NAME
     out_dir = Path(out_dir)
+    if plan.converted_on_save:
+        _save_converted(out_dir, module, tensors, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+        return
     with ShardedWriter(out_dir, plan.tensors, weights_name=weights_name,
                        max_shard_size=None if plan.adapter else max_shard_size) as writer:
         for item, tensor in tensors:
@@ -360,6 +363,21 @@ def write_export(out_dir: Path, module: torch.nn.Module, plan: ExportPlan,
         write_model_config(module, out_dir, plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def _save_converted(out_dir: Path, model: torch.nn.Module, tensors, *, max_shard_size) -> None:
+    """A model whose weights transformers converts on save: the gathered tensors (one at a time, as always) are
+    collected on rank 0 and `save_pretrained` applies the conversion — the whole model in rank 0's host memory,
+    as every export did before exports were streamed."""
+    log.warning("%s: transformers converts its weights on save; the export collects the whole model on rank 0 and "
+                "writes it with save_pretrained", type(model).__name__)
+    state = {item.name: tensor for item, tensor in tensors}
+    model.config.use_cache = True
+    try:
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True,
+                              max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    finally:
+        model.config.use_cache = False
 
 
 def write_model_config(model: torch.nn.Module, out_dir: Path, plan: ExportPlan) -> None:

@@ -258,3 +258,19 @@ def test_ddp_export_and_its_tensor_check(tmp_path):
         next(p for n, p in strategy.unwrap().named_parameters() if "lora_A" in n).add_(1.0)
     with pytest.raises(RuntimeError, match="export check failed: .*lora_A"):
         verify_export_tensors(strategy, tmp_path / "lora", rank=0)
+
+
+def test_a_model_whose_weights_transformers_converts_on_save_is_written_by_save_pretrained(tmp_path, monkeypatch):
+    """Fused MoE experts and similar: the gathered tensors go to save_pretrained (which converts them), and the
+    check reloads the export, since the files no longer carry the model's own names."""
+    import distft.export_shards as export_shards
+
+    monkeypatch.setattr(export_shards, "_converted_on_save", lambda model, tensors: True)
+    strategy = _ddp(_model())
+    probe = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    info = export_and_verify(strategy, _NoTokenizer(), export_dir=tmp_path / "export", probe=probe, rank=0,
+                             device=torch.device("cpu"), method="full", dtype="fp32", quant_config=None,
+                             precision="fp32", run_dir=tmp_path, check="tensors")
+    assert info["check"] == "logits" and info["ok"] and info["max_abs_logit_diff"] == 0.0
+    strategy.unwrap().save_pretrained(tmp_path / "ref")
+    _assert_same_weights(tmp_path / "export", tmp_path / "ref")
