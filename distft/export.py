@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from distft import dist
+from distft import dist, settings
 from distft.dtypes import torch_dtype
 from distft.export_shards import check_export_tensors, export_plan
 from distft.model import count_params, load_model
@@ -18,8 +18,6 @@ from distft.stop import NO_STOP, StopCheck
 log = logging.getLogger(__name__)
 
 EXPORT_CHECKS = ("auto", "logits", "tensors")  # run.export_check
-# auto: the logits check when reloading the export takes at most this share of rank 0's free device memory
-RELOAD_SHARE = 0.5
 
 
 def export_and_verify(strategy, tokenizer, *, export_dir: Path, probe: torch.Tensor, rank: int,
@@ -69,12 +67,12 @@ def export_and_verify(strategy, tokenizer, *, export_dir: Path, probe: torch.Ten
 
 def choose_export_check(mode: str, *, reload_bytes: int, free_bytes: int | None) -> str:
     """run.export_check as a decision: `logits` or `tensors` as set, and for `auto` logits when reloading the
-    export needs at most RELOAD_SHARE of the free memory (unknown free memory: logits, as before)."""
+    export needs at most settings.RELOAD_SHARE of the free memory (unknown free memory: logits, as before)."""
     if mode not in EXPORT_CHECKS:
         raise ValueError(f"run.export_check={mode}: choose one of {', '.join(EXPORT_CHECKS)}")
     if mode != "auto":
         return mode
-    if free_bytes is None or reload_bytes <= RELOAD_SHARE * free_bytes:
+    if free_bytes is None or reload_bytes <= settings.RELOAD_SHARE * free_bytes:
         return "logits"
     log.info("export check: reloading the export needs ~%.1f GiB, %.1f GiB free on this device: comparing the "
              "written tensors instead of reloading (run.export_check=logits forces the reload)",

@@ -28,11 +28,6 @@ from distft.errors import UserError
 from distft.export_shards import DEFAULT_MAX_SHARD_SIZE, ExportPlan, ExportTensor, parse_size, to_export
 
 _READ_BYTES = 2**30  # FSDP: DCP reads tensors in groups of about this many bytes
-FORMATS = {  # name -> what in the checkpoint directory marks it
-    "fsdp": "fsdp_dcp/.metadata",
-    "deepspeed": "ds/",
-    "ddp": "model.safetensors",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,19 +114,18 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, config: Path | None = 
 
 def detect_format(checkpoint: Path, *, strategy: str | None = None) -> str:
     """Which strategy's files `checkpoint` holds: fsdp, deepspeed or ddp."""
+    from distft.strategy.ddp import CHECKPOINT_FILE
     from distft.strategy.deepspeed import TAG
     from distft.strategy.fsdp import DCP_SUBDIR
 
-    if (checkpoint / DCP_SUBDIR / ".metadata").is_file():
-        return "fsdp"
-    if (checkpoint / TAG).is_dir():
-        return "deepspeed"
-    if (checkpoint / "model.safetensors").is_file():
-        return "ddp"
+    markers = {"fsdp": f"{DCP_SUBDIR}/.metadata", "deepspeed": f"{TAG}/", "ddp": CHECKPOINT_FILE}
+    for name, marker in markers.items():
+        if (checkpoint / marker).exists():
+            return name
     found = sorted(p.name for p in checkpoint.iterdir())
     raise UserError(f"{checkpoint} holds no model weights in a format this converter reads (written by "
                     f"strategy={strategy or 'unknown'}; found {found}); it reads "
-                    + ", ".join(f"{name} ({marker})" for name, marker in FORMATS.items()))
+                    + ", ".join(f"{name} ({marker})" for name, marker in markers.items()))
 
 
 def _run_config(checkpoint: Path, config: Path | None):
@@ -239,7 +233,9 @@ def _safetensors_tensors(checkpoint: Path, plan: ExportPlan) -> Iterator[tuple[E
     """DDP: rank 0's trainable weights, one safetensors file read lazily."""
     from safetensors import safe_open
 
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+    from distft.strategy.ddp import CHECKPOINT_FILE
+
+    with safe_open(str(checkpoint / CHECKPOINT_FILE), framework="pt") as f:
         for item, name in _resolve(plan, set(f.keys()), checkpoint):
             yield item, to_export(f.get_tensor(name), item)
 

@@ -103,7 +103,7 @@ def train_evaluate_export(cfg, ctx: WorkerContext, hooks: RunHooks, stop: StopCh
                                 max_steps=data.max_steps, report=hooks.report,
                                 info={group: cfg[group].name for group in ("method", "strategy", "model")})
     step = stop.steps_done = resume(checkpointer, data.batches, ctx, seed=cfg.trainer.seed,
-                                    grad_accum=run.grad_accum)
+                                    global_batch_size=cfg.trainer.global_batch_size)
     stop.check("loading")
     tracker = build_tracker(cfg, ctx, resume_step=step)
     evaluate_now = build_evaluator(cfg, ctx, strategy, tokenizer, data.template, stop)
@@ -236,15 +236,14 @@ def prepare_strategy(strategy: Strategy, model: torch.nn.Module, trainer, *, lr:
 
 
 def resume(checkpointer: Checkpointer, batches: ShardedBatches, ctx: WorkerContext, *, seed: int,
-           grad_accum: int) -> int:
+           global_batch_size: int) -> int:
     """The step to start from: the resumed checkpoint's (its RNG and data position restored), else 0. A checkpoint
     of another number of workers carries its data position over when this run keeps its global batch (see
     `distft.checkpoint.load_checkpoint`)."""
     if ctx.resume_dir is None:
         torch.manual_seed(seed + 1000 * (ctx.rank + 1))  # per-rank dropout stream; a resume restores it instead
         return 0
-    state = checkpointer.restore(ctx.resume_dir, batches,
-                                 global_batch_size=ctx.world * grad_accum * batches.micro_batch_size)
+    state = checkpointer.restore(ctx.resume_dir, batches, global_batch_size=global_batch_size)
     return state["step"]
 
 

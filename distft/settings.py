@@ -4,6 +4,12 @@ strategies all read them from here, so what a run does and what the planner pred
 import math
 from dataclasses import dataclass
 
+# The `auto` rules the workers apply and the planner predicts (one place, so the two cannot drift apart):
+# eval.gather=auto generates layer by layer when the full weights exceed this share of the device's free memory
+GATHER_SHARE = 0.8
+# run.export_check=auto reloads the export to check it when that takes at most this share of the free memory
+RELOAD_SHARE = 0.5
+
 # trainer.optimizer -> its bitsandbytes class (adamw is torch's own), and the bytes of optimizer state (two
 # moments) per trainable parameter, for the planner
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",

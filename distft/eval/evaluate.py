@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from distft import dist
+from distft import dist, settings
 from distft.data import (
     ShardedBatches,
     encode_examples,
@@ -113,7 +113,7 @@ def generates_layerwise(gather: str, strategy, device: torch.device) -> bool:
     if device.type != "cuda":
         return False  # host memory: the gathered copy is the model's size again, as for DDP
     free, _ = torch.cuda.mem_get_info(device)
-    return full_weight_bytes(strategy.model) > 0.8 * free
+    return full_weight_bytes(strategy.model) > settings.GATHER_SHARE * free
 
 
 def full_weight_bytes(model: torch.nn.Module) -> int:

@@ -401,10 +401,10 @@ def eval_peak(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, no
 
 def generates_layerwise(x: MemoryInputs, w: Weights, *, steady: int) -> bool:
     """eval.gather as a sharded run resolves it: auto goes layer by layer on a GPU where the full weights would
-    take more than 0.8 of what training leaves free (the worker's rule, distft.eval.evaluate)."""
+    take more than settings.GATHER_SHARE of what training leaves free (the worker's rule, distft.eval.evaluate)."""
     if x.eval_gather != "auto":
         return x.eval_gather == "layerwise"
-    return x.accelerator == "cuda" and x.device_bytes is not None and w.module_bytes > 0.8 * (x.device_bytes - steady)
+    return x.accelerator == "cuda" and x.device_bytes is not None and w.module_bytes > settings.GATHER_SHARE * (x.device_bytes - steady)
 
 
 def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, load_device: int,
@@ -438,7 +438,7 @@ def export_check_reloads(x: MemoryInputs, *, load_device: int, steady: int) -> b
         return x.export_check == "logits"
     if x.accelerator != "cuda" or x.device_bytes is None:
         return True  # on CPU the worker decides from the free host memory it sees
-    return load_device <= 0.5 * (x.device_bytes - steady)
+    return load_device <= settings.RELOAD_SHARE * (x.device_bytes - steady)
 
 
 def _every_rank(peak: int) -> dict[str, int]:

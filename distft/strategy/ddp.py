@@ -20,6 +20,7 @@ from distft.strategy.base import (
 
 # torch 2.13 renamed the option (broadcast_buffers is deprecated there); older torches (the Docker image's 2.9) lack
 # the new name
+CHECKPOINT_FILE = "model.safetensors"  # the trainable weights, written by rank 0
 _NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
                            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                            else {"broadcast_buffers": False})
@@ -118,12 +119,12 @@ class DDPStrategy:
         # Replicas are identical after every step, so rank 0's copy is the checkpoint.
         if rank != 0:
             return
-        save_file(self._trainable_state(), str(ckpt_dir / "model.safetensors"))
+        save_file(self._trainable_state(), str(ckpt_dir / CHECKPOINT_FILE))
         torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), ckpt_dir / "scheduler.pt")
 
     def load(self, ckpt_dir: Path, rank: int) -> None:
-        state = load_file(str(ckpt_dir / "model.safetensors"))
+        state = load_file(str(ckpt_dir / CHECKPOINT_FILE))
         params = dict(self._module.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         if missing:
