@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
@@ -420,13 +421,21 @@ def written_files(out_dir: Path) -> dict[str, str]:
     index = out_dir / INDEX_NAME
     if index.exists():
         return json.loads(index.read_text())["weight_map"]
-    from safetensors import safe_open
-
     for name in (WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME):
         if (out_dir / name).exists():
             with safe_open(str(out_dir / name), framework="pt") as f:
                 return {key: name for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     raise FileNotFoundError(f"{out_dir} holds no {WEIGHTS_NAME}, {INDEX_NAME} or {ADAPTER_WEIGHTS_NAME}")
+
+
+def open_safetensors(path: str):
+    """A safetensors file opened for reading tensors one at a time. The pread backend copies each tensor into memory
+    of its own, so resident memory is exactly what is held (safetensors >= 0.8); a memory map would keep every page
+    read resident, counted in the process's RSS, for as long as the file is open."""
+    try:
+        return safe_open(path, framework="pt", device="cpu", backend="pread")
+    except TypeError:  # older safetensors: no backend argument, a memory map
+        return safe_open(path, framework="pt", device="cpu")
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -440,8 +449,6 @@ def check_export_tensors(out_dir: Path, tensors: Iterable[tuple[ExportTensor, to
     """Read every written tensor back (lazily, one at a time) and compare it bit for bit with the trained model's
     tensor from `tensors`; also that the files hold exactly the planned names. Every rank drains `tensors`; rank 0
     returns `{"check": "tensors", "tensors", "max_abs_tensor_diff", "mismatched", "ok"}`, the others None."""
-    from safetensors import safe_open
-
     tensors = iter(tensors)
     if rank != 0:
         for _ in tensors:
@@ -459,7 +466,7 @@ def check_export_tensors(out_dir: Path, tensors: Iterable[tuple[ExportTensor, to
                 mismatched.append(f"{item.name}: not in the export")
                 continue
             if file not in handles:
-                handles[file] = safe_open(str(out_dir / file), framework="pt").__enter__()
+                handles[file] = open_safetensors(str(out_dir / file))
             written = handles[file].get_tensor(item.name)
             if not _same_bits(written, tensor):
                 if written.shape != tensor.shape or written.dtype != tensor.dtype:
@@ -472,8 +479,7 @@ def check_export_tensors(out_dir: Path, tensors: Iterable[tuple[ExportTensor, to
                     max_diff = max(max_diff, diff)
             del tensor, written
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        handles.clear()
     mismatched += [f"{name}: in the export but not in the trained model" for name in sorted(set(file_of) - seen)]
     return {"check": "tensors", "tensors": len(seen), "max_abs_tensor_diff": max_diff, "mismatched": mismatched[:10],
             "ok": not mismatched}

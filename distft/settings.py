@@ -9,6 +9,8 @@ from dataclasses import dataclass
 GATHER_SHARE = 0.8
 # run.export_check=auto reloads the export to check it when that takes at most this share of the free memory
 RELOAD_SHARE = 0.5
+# ZeRO-3's export gathers its partitioned parameters this many elements at a time on every rank (512 MiB in fp32)
+EXPORT_GATHER_NUMEL = 2**27
 
 # trainer.optimizer -> its bitsandbytes class (adamw is torch's own), and the bytes of optimizer state (two
 # moments) per trainable parameter, for the planner

@@ -11,10 +11,12 @@ Three things the recipe relies on that DeepSpeed does differently by default:
 - Gradient clipping is a `step(max_grad_norm)` argument, not a config key fixed at start-up.
 - ZeRO-3 parameters live partitioned across ranks, so export and generation gather them first (see below).
 
-Loading under ZeRO-3 (`rank0_load`, on by default except for QLoRA) uses transformers' own DeepSpeed integration:
-while an `HfDeepSpeedConfig` is alive, `from_pretrained` builds the model inside `deepspeed.zero.Init` (each
-parameter is partitioned as it is created) and reads the checkpoint on rank 0 only (the other ranks map it to meta
-tensors), then scatters it. ZeRO-1/2 keep whole weights on every rank, so every rank loads.
+Loading under ZeRO-3 (`rank0_load`, on by default except for QLoRA) is streamed (distft.strategy.streaming): every
+rank builds the model without weights, and rank 0 reads the safetensors checkpoint one decoder layer at a time, which
+DeepSpeed broadcasts and partitions; no rank holds more than one layer group beyond its partitions. A checkpoint that
+cannot be streamed as it is goes through transformers' own DeepSpeed integration instead: while an
+`HfDeepSpeedConfig` is alive, `from_pretrained` builds the model inside `deepspeed.zero.Init` and reads the whole
+checkpoint on rank 0. ZeRO-1/2 keep whole weights on every rank, so every rank loads.
 """
 
 import contextlib
@@ -33,6 +35,7 @@ from distft.strategy.base import (
     Sharding,
     trainable_parameters,
 )
+from distft.strategy.streaming import decoder_layers, fill_zero3, open_checkpoint
 
 TAG = "ds"  # checkpoint sub-directory; always passed explicitly so DeepSpeed's `latest` file is never needed
 # Keys the recipe owns: DeepSpeed's batch arithmetic must match trainer.* and the optimizer/schedule are built
@@ -47,12 +50,12 @@ RECIPE_KEYS = {
     "fp16": "trainer.precision",
     "bf16": "trainer.precision",
 }
+log = logging.getLogger(__name__)
 _QLORA_LOAD = ("transformers builds bitsandbytes 4-bit models without deepspeed.zero.Init; they are quantised "
                "while each rank loads them")
-_GATHER_NUMEL = 2**27  # parameter elements gathered at once when exporting ZeRO-3 weights (512 MiB in fp32)
 # zero_optimization keys a user may set through strategy.deepspeed that size DeepSpeed's buffers (for the planner)
 _BUFFER_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
-                "stage3_max_live_parameters", "stage3_param_persistence_threshold")
+                "stage3_max_live_parameters", "stage3_param_persistence_threshold", "sub_group_size")
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -135,11 +138,26 @@ class DeepSpeedStrategy:
                         buffers={k: zero[k] for k in _BUFFER_KEYS if k in zero})
 
     def load_model(self, load: ModelLoader, *, rank: int, quantized: bool) -> torch.nn.Module:
-        """ZeRO-3: partition while loading, weights read on rank 0 (transformers + deepspeed.zero.Init)."""
+        """ZeRO-3: partition while loading, weights read on rank 0 one layer group at a time (streaming.fill_zero3);
+        a checkpoint that cannot be streamed goes through transformers' zero.Init load (rank 0 reads it whole)."""
+        self._streamed = False
         if not settings.rank0_load(self.rank0_load, shards_parameters=self.zero_stage == 3, quantized=quantized):
             if quantized and self.zero_stage == 3:
-                logging.getLogger(__name__).info("ZeRO-3: every rank loads the 4-bit base (%s)", _QLORA_LOAD)
+                log.info("ZeRO-3: every rank loads the 4-bit base (%s)", _QLORA_LOAD)
             return load()
+        model = load(empty=True)
+        checkpoint, problem = open_checkpoint(model, rank)  # rank 0 decides; collective
+        self._streamed = problem is None
+        if problem is None:
+            if rank == 0:
+                log.info("ZeRO-3: every rank builds the model without weights; rank 0 streams them from %d safetensors "
+                         "file(s) into the partitions, one decoder layer at a time", len(checkpoint.files))
+            fill_zero3(model, checkpoint, rank=rank, ds_config=self.config, device=self.device,
+                       layers=decoder_layers(model))
+            return model
+        if rank == 0:
+            log.warning("ZeRO-3: the weights cannot be streamed layer by layer because %s; transformers' zero.Init load "
+                        "reads the whole model on rank 0 instead", problem)
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         # transformers keeps only a weak reference: the object must stay alive for the whole load, and is unset
@@ -238,7 +256,7 @@ class DeepSpeedStrategy:
         """The export's tensors in plan order (collective: every rank iterates to the end); rank 0 gets CPU copies
         in the export dtype, the others None.
 
-        ZeRO-3 gathers at most `_GATHER_NUMEL` elements' worth of parameters at a time. bf16 runs read the fp32
+        ZeRO-3 gathers at most `settings.EXPORT_GATHER_NUMEL` elements' worth of parameters at a time. bf16 runs read the fp32
         master weights of trainable parameters rather than their bf16 working copies (then cast to the export dtype).
         """
         import deepspeed
@@ -247,10 +265,11 @@ class DeepSpeedStrategy:
         from distft.export_shards import export_plan, state_tensors, to_export
 
         module = self.unwrap()
+        self._release_in_flight()
         plan = plan or export_plan(module, precision=self.precision)
         named = {name: tensor for name, tensor, _ in state_tensors(module)}
         items = [(item, named[item.sources[0]]) for item in plan.tensors]
-        for chunk in _chunks(items, _GATHER_NUMEL, numel=lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())):
+        for chunk in _chunks(items, settings.EXPORT_GATHER_NUMEL, numel=lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())):
             params = list({id(t): t for _, t in chunk if isinstance(t, torch.nn.Parameter)}.values())
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3 \
                 else contextlib.nullcontext()
@@ -286,6 +305,13 @@ class DeepSpeedStrategy:
                 yield module
             finally:
                 _attach_zero3_hooks(offload)
+
+    def _release_in_flight(self) -> None:
+        """ZeRO-3: a forward just before (evaluation, the export's probe) can leave prefetched parameters in flight,
+        and gathering some of them then fails on leaving ("Cannot partition a param in flight"); release them all
+        first. (Gathering every parameter at once, as `generation_context` does, was seen to pass.)"""
+        if self.zero_stage == 3:
+            self._engine.empty_partition_cache()
 
     # --- configuration checks -----------------------------------------------------------------------------
     @staticmethod

@@ -55,7 +55,7 @@ from distft.strategy.base import (
     Sharding,
     trainable_parameters,
 )
-from distft.strategy.streaming import StreamingLoad, open_checkpoint
+from distft.strategy.streaming import StreamingLoad, decoder_layers, open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ SCHEDULER_FILE = "scheduler.pt"
 # strategy.* keys that belong to other strategies, with the value that means "not used"
 _FOREIGN_OPTIONS = {"zero_stage": 0, "offload_optimizer": False, "offload_params": False, "deepspeed": {},
                     "find_unused_parameters": False}
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Transformer blocks, found by class name (`LlamaDecoderLayer`, `MistralDecoderLayer`, ...); peft wrappers
-    leave them in place, so this works for LoRA/QLoRA models too."""
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 class FSDPStrategy:

@@ -1,4 +1,4 @@
-"""Streaming rank-0 load for FSDP: no rank ever holds the whole model.
+"""Streaming rank-0 load for FSDP and ZeRO-3: no rank ever holds the whole model.
 
 Every rank (rank 0 too) builds the model without weights (`load_model(empty=True)`: parameters on the meta device,
 buffers computed), and the method is applied to it; after `fully_shard` each rank allocates only its shards, and rank
@@ -22,17 +22,22 @@ Checkpoint keys are matched to parameters through the parameter objects, which p
 paths (`x.weight` becomes `base_model.model.x.base_layer.weight`); a tied LM head is the embedding's parameter and is
 sent once. Checkpoints that `from_pretrained` would have to convert (no safetensors, renamed or fused keys, shape
 mismatches) are not streamed: `open_checkpoint` says why and FSDP falls back to loading the whole model on rank 0.
+
+ZeRO-3 (`fill_zero3`) needs no stand-ins: its load returns the model already partitioned, as transformers' zero.Init
+load does, and the method is applied afterwards. Each layer group is allocated whole on every rank, filled on rank 0,
+and handed to DeepSpeed's own parameter conversion, which broadcasts it from rank 0 and keeps each rank's partition.
 """
 
+import ctypes
 import logging
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from distft.errors import UserError
+from distft.export_shards import open_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ class SafetensorsCheckpoint:
     """Rank 0's lazy view of a safetensors checkpoint: the headers are read up front, each tensor only when asked."""
 
     def __init__(self, files: list[str]):
-        self._handles = {path: _open(path) for path in files}
+        self._handles = {path: open_safetensors(path) for path in files}
         self.shapes: dict[str, tuple[int, ...]] = {}  # checkpoint key -> shape
         self._file_of: dict[str, str] = {}
         for path, handle in self._handles.items():
@@ -63,15 +68,6 @@ class SafetensorsCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
-
-
-def _open(path: str):
-    # pread copies each tensor into memory of its own, so memory in use is exactly what is held (safetensors >= 0.8;
-    # older versions map the file)
-    try:
-        return safe_open(path, framework="pt", device="cpu", backend="pread")
-    except TypeError:
-        return safe_open(path, framework="pt", device="cpu")
 
 
 def open_checkpoint(model: torch.nn.Module, rank: int) -> tuple[SafetensorsCheckpoint | None, str | None]:
@@ -135,6 +131,12 @@ def _converted_keys(model: torch.nn.Module) -> str | None:
     except ImportError:
         return None
     return type(model).__name__ if get_model_conversion_mapping(model, add_legacy=False) else None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Transformer blocks, found by class name (`LlamaDecoderLayer`, `MistralDecoderLayer`, ...); peft wrappers
+    leave them in place, so this works for LoRA/QLoRA models too."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 def tensor_names(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
@@ -280,3 +282,74 @@ def adapter_problem(model: torch.nn.Module) -> str | None:
     if any(getattr(m, "lora_variant", None) for m in model.modules()):
         return "a LoRA variant initialises from the base weights"
     return None
+
+
+# --- ZeRO-3 ---------------------------------------------------------------------------------------------------------
+
+def release_freed_memory() -> None:
+    """Hand memory freed on the heap back to the OS (glibc's malloc_trim; a no-op elsewhere). After the first large
+    free, glibc serves tensors of up to 32 MiB from the heap and keeps what they free: loading a 3.4B model into ZeRO-3
+    partitions on CPU held 1 GiB more per rank without this (docs/benchmarks.md, "Loading at scale")."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def fill_zero3(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint | None, *, rank: int, ds_config: dict,
+               device: torch.device, layers: list[torch.nn.Module]) -> None:
+    """ZeRO-3's streaming load: turn an empty `model` (`load_model(empty=True)`) into DeepSpeed's partitioned
+    parameters one group at a time (each decoder layer in `layers`; every other module's own parameters).
+
+    Each group is allocated whole on every rank's device, rank 0 fills it from its lazy `checkpoint` (None on the other
+    ranks), and DeepSpeed's own conversion (what `deepspeed.zero.Init` does to a parameter as it is created) broadcasts
+    it from rank 0 and keeps each rank's partition. Memory at load: one layer group per rank plus the partitions, where
+    transformers' zero.Init load has rank 0 read the whole state dict first. Parameters take zero.Init's dtype (bf16
+    under a bf16 config, else the model's), cast from the checkpoint as `from_pretrained` does. Collective."""
+    import deepspeed
+
+    names = tensor_names(model)  # checkpoint names by parameter, taken before the parameters are replaced
+    bf16 = bool((ds_config.get("bf16") or {}).get("enabled"))
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    groups = [list(layer.modules()) for layer in layers]
+    groups += [[m] for m in model.modules() if id(m) not in in_layers and any(
+        p is not None for p in m._parameters.values())]
+    converted: dict[int, torch.nn.Parameter] = {}  # id of the empty parameter -> its ZeRO-3 parameter (ties share)
+    anchor = None
+    read = held = 0
+    for modules in groups:
+        fresh: list[torch.nn.Parameter] = []
+        for module in modules:
+            for name, p in module._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in converted:
+                    dtype = torch.bfloat16 if bf16 and p.is_floating_point() else p.dtype
+                    new = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                             requires_grad=p.requires_grad)
+                    if rank == 0:
+                        key = next(n for n in names[id(p)][1] if n in checkpoint.shapes)  # checked in open_checkpoint
+                        with torch.no_grad():
+                            new.copy_(checkpoint.read(key, p.dtype))
+                    converted[id(p)] = new
+                    fresh.append(new)
+                module._parameters[name] = converted[id(p)]
+            for name, b in module._buffers.items():  # computed (rotary inv_freq): identical on every rank
+                if b is not None:
+                    module._buffers[name] = b.to(device)
+        size = sum(p.numel() * p.element_size() for p in fresh)
+        read, held = read + size, max(held, size)
+        if anchor is None:  # the first conversion sets DeepSpeed's partitioning up from the config
+            holder = torch.nn.Module()
+            for i, p in enumerate(fresh):
+                holder.register_parameter(f"p{i}", p)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config)
+            anchor = fresh[0] if fresh else None
+        elif fresh:
+            anchor.convert_to_zero_parameters(param_list=fresh)  # broadcast from rank 0, then partitioned
+        if device.type == "cpu":
+            release_freed_memory()
+    if rank == 0:
+        log.info("ZeRO-3: streamed %.1f MiB from %d safetensors file(s) in %d groups, holding at most %.1f MiB at once",
+                 read / MiB, len(checkpoint.files), len(groups), held / MiB)
+        checkpoint.close()

@@ -43,7 +43,9 @@ def _scheduler(opt):
 
 
 def _train(strategy, model, rank: int) -> None:
-    """Two optimizer steps on rank-dependent tokens, then one eval forward (FSDP leaves the root unsharded)."""
+    """Two optimizer steps on rank-dependent tokens, then two eval forwards, as evaluation leaves the model before the
+    export: FSDP leaves the root unsharded; ZeRO-3 prefetches along the first forward's trace in the second, which
+    leaves parameters in flight."""
     from distft.loss import causal_lm_loss_sum
 
     strategy.prepare(model, _optimizer, _scheduler)
@@ -55,7 +57,8 @@ def _train(strategy, model, rank: int) -> None:
         strategy.step(1.0)
     strategy.model.eval()
     with torch.no_grad():
-        strategy.model(input_ids=ids, use_cache=False)
+        for _ in range(2):
+            strategy.model(input_ids=ids, use_cache=False)
 
 
 def _checkpoint_and_check(run: Path, strategy, rank: int, method: str, strategy_name: str, check: dict) -> None:
@@ -127,8 +130,13 @@ def _zero3_worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     tokenizer = load_tokenizer(model_dir)
     for method in METHODS:
         run = Path(out_dir) / method
+        # prefetch and live-parameter limits below one layer's size, as at scale (0.35B with 5e7): the export must
+        # release the parameters a forward left in flight ("Cannot partition a param in flight")
+        small = {k: 10_000 for k in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+                                     "stage3_max_reuse_distance")}
         strategy = DeepSpeedStrategy(device=torch.device("cpu"), zero_stage=3, rank0_load=False,
-                                     deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+                                     deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0,
+                                                                      **small}})
         torch.manual_seed(0)
         model = apply_method(load_model(model_dir), name=method, target_modules=["all-linear"], **LORA)
         _train(strategy, model, rank)

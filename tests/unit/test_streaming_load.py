@@ -1,12 +1,15 @@
-"""Streaming rank-0 load under FSDP (distft.strategy.streaming): every rank builds the model without weights, rank 0
-reads the safetensors checkpoint one decoder layer at a time into everyone's shards.
+"""Streaming rank-0 load under FSDP and ZeRO-3 (distft.strategy.streaming): every rank builds the model without
+weights, rank 0 reads the safetensors checkpoint one decoder layer at a time into everyone's shards (FSDP) or
+partitions (ZeRO-3).
 
 The single-process tests check the pieces (finding the files, what cannot be streamed, the stand-ins peft sets up
-its adapters on). One pair of spawned gloo ranks runs every two-rank case (tied and untied embeddings, one file and a
-sharded index, full and LoRA, fp32 and a bf16 cast, a .bin-only checkpoint that falls back) loaded both ways, and
-checks that the model that trains is the same bit for bit and that rank 0 never held more than one layer group.
+its adapters on). One pair of spawned gloo ranks runs every two-rank case (FSDP: tied and untied embeddings, one file
+and a sharded index, full and LoRA, fp32 and a bf16 cast, a .bin-only checkpoint that falls back; ZeRO-3: the same
+except the bf16 cast) loaded both ways, and checks that the model that trains is the same bit for bit and that rank 0
+never held more than one layer group.
 """
 
+import contextlib
 import weakref
 from pathlib import Path
 
@@ -111,8 +114,9 @@ def test_adapter_setups_that_read_the_base_weights_are_refused(checkpoints, conf
 
 # --- two ranks ----------------------------------------------------------------------------------------------------
 
-CASES = [(ckpt, method, "fp32") for ckpt in ("sharded", "tied") for method in ("full", "lora")]
-CASES += [("sharded", "full", "bf16")]  # fp32 checkpoint cast to the bf16 load dtype tensor by tensor
+CASES = [(strategy, ckpt, method, "fp32") for strategy in ("fsdp", "zero3") for ckpt in ("sharded", "tied")
+         for method in ("full", "lora")]
+CASES += [("fsdp", "sharded", "full", "bf16")]  # fp32 checkpoint cast to the bf16 load dtype tensor by tensor
 
 
 class _HeldBytes:
@@ -149,13 +153,36 @@ class _HeldBytes:
         cls.live = cls.peak = 0
 
 
-def _run_case(rank: int, model_dir: str, method: str, dtype: str, streamed: bool) -> dict:
+def _strategy(name: str, streamed: bool):
+    if name == "fsdp":
+        from distft.strategy.fsdp import FSDPStrategy
+
+        return FSDPStrategy(device=torch.device("cpu"), precision="fp32", rank0_load=streamed)
+    from distft.strategy.deepspeed import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(device=torch.device("cpu"), precision="fp32", zero_stage=3, rank0_load=streamed,
+                             deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+
+
+def _full_parameters(strategy) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
-    from distft.methods import apply_method
-    from distft.strategy.fsdp import FSDPStrategy
+    module = strategy.unwrap()
+    params = list(module.parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
 
-    strategy = FSDPStrategy(device=torch.device("cpu"), precision="fp32", rank0_load=streamed)
+        gathered = deepspeed.zero.GatheredParameters(params)
+    with gathered:
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in module.named_parameters()}
+
+
+def _run_case(rank: int, model_dir: str, strategy_name: str, method: str, dtype: str, streamed: bool) -> dict:
+    from distft.methods import apply_method
+
+    strategy = _strategy(strategy_name, streamed)
     read_whole = []  # load() calls that read weights (not empty=True)
 
     def load(**kwargs):
@@ -165,15 +192,15 @@ def _run_case(rank: int, model_dir: str, method: str, dtype: str, streamed: bool
     _HeldBytes.reset()
     torch.manual_seed(0)  # as the recipe does before loading: identical LoRA init on every rank
     model = strategy.load_model(load, rank=rank, quantized=False)
-    streaming = strategy._streaming is not None
+    streaming = getattr(strategy, "_streaming", None) is not None or getattr(strategy, "_streamed", False)
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
     model = apply_method(model, name=method, lora_r=4, lora_dropout=0.0, target_modules=["all-linear"])
     strategy.prepare(model, lambda params: torch.optim.AdamW(params, lr=1e-2),
                      lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     peak = _HeldBytes.peak
-    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for n, p in strategy.model.named_parameters()}
-    result = {"params": full, "buffers": {n: b.clone() for n, b in strategy.model.named_buffers()},
-              "streaming": streaming, "read_whole": any(read_whole), "peak": peak}
+    result = {"params": _full_parameters(strategy), "streaming": streaming, "read_whole": any(read_whole),
+              "buffers": {n: b.clone() for n, b in strategy.unwrap().named_buffers()}, "peak": peak,
+              "partitioned": partitioned}
     if dtype != "fp32":
         return result
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(rank))
@@ -191,17 +218,19 @@ def _worker(rank: int, port: int, _tiny_model_dir: str, out_dir: str) -> None:
     rank_env(rank, port)
     import torch.distributed as dist
 
-    import distft.strategy.streaming as streaming
+    import distft.export_shards as export_shards
 
     torch.set_num_threads(1)
-    streaming.safe_open = _HeldBytes  # count what rank 0 holds
+    export_shards.safe_open = _HeldBytes  # count what rank 0 holds (distft.export_shards.open_safetensors)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     dirs = torch.load(Path(out_dir) / "dirs.pt")
     results = {}
-    for ckpt, method, dtype in CASES:
+    for strategy, ckpt, method, dtype in CASES:
         for streamed in (False, True):
-            results[(ckpt, method, dtype, streamed)] = _run_case(rank, dirs[ckpt], method, dtype, streamed)
-    results[("bin", "full", "fp32", True)] = _run_case(rank, dirs["bin"], "full", "fp32", True)
+            results[(strategy, ckpt, method, dtype, streamed)] = _run_case(rank, dirs[ckpt], strategy, method, dtype,
+                                                                           streamed)
+    for strategy in ("fsdp", "zero3"):
+        results[(strategy, "bin", "full", "fp32", True)] = _run_case(rank, dirs["bin"], strategy, "full", "fp32", True)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -224,24 +253,28 @@ def _assert_same(got: dict, expected: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ckpt,method,dtype", CASES, ids=["-".join(c) for c in CASES])
-def test_streaming_load_trains_the_same_model_as_loading_everywhere(ckpt, method, dtype, results):
+@pytest.mark.parametrize("strategy,ckpt,method,dtype", CASES, ids=["-".join(c) for c in CASES])
+def test_streaming_load_trains_the_same_model_as_loading_everywhere(strategy, ckpt, method, dtype, results):
     for rank in (0, 1):
-        everywhere, streamed = results[rank][(ckpt, method, dtype, False)], results[rank][(ckpt, method, dtype, True)]
+        everywhere = results[rank][(strategy, ckpt, method, dtype, False)]
+        streamed = results[rank][(strategy, ckpt, method, dtype, True)]
         assert streamed["streaming"] and not everywhere["streaming"]
+        if strategy == "zero3":  # partitioned as load_model returns it, as transformers' zero.Init load does
+            assert streamed["partitioned"] and not everywhere["partitioned"]
         assert not streamed["read_whole"] and everywhere["read_whole"]  # no rank called from_pretrained
         _assert_same(streamed["params"], everywhere["params"])  # base weights and LoRA adapters
         _assert_same(streamed["buffers"], everywhere["buffers"])  # rotary inv_freq
         assert streamed.get("losses") == everywhere.get("losses")  # first step's loss and the update it makes
-    params = results[0][(ckpt, method, dtype, True)]["params"]
+    params = results[0][(strategy, ckpt, method, dtype, True)]["params"]
     if ckpt == "tied":
         assert not any(n.endswith("lm_head.weight") for n in params)  # one parameter, shared with the embedding
     assert sum("lora_" in n for n in params) == (4 * 7 * 2 if method == "lora" else 0)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_rank0_never_holds_more_than_one_decoder_layer_of_the_checkpoint(method, results):
+def test_rank0_never_holds_more_than_one_decoder_layer_of_the_checkpoint(strategy, method, results):
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(ensure_random_model(**SHAPE), dtype=torch.float32)
@@ -252,17 +285,24 @@ def test_rank0_never_holds_more_than_one_decoder_layer_of_the_checkpoint(method,
     layer = max(size(layer.parameters()) for layer in reference.model.layers)
     model = size(reference.parameters())
     assert layer > max(p.numel() * p.element_size() for n, p in reference.named_parameters() if "layers" not in n)
-    assert results[0][("sharded", method, "fp32", True)]["peak"] == layer  # one layer group at a time
+    largest = max(p.numel() * p.element_size() for p in reference.parameters())
+    # FSDP reads one layer group at a time; ZeRO-3 copies each tensor into its group's parameters as it is read
+    expected = layer if strategy == "fsdp" else largest
+    assert results[0][(strategy, "sharded", method, "fp32", True)]["peak"] == expected
     assert layer < model / 5
-    assert results[1][("sharded", method, "fp32", True)]["peak"] == 0  # the other rank reads nothing
+    assert results[1][(strategy, "sharded", method, "fp32", True)]["peak"] == 0  # the other rank reads nothing
 
 
 @pytest.mark.slow
-def test_a_checkpoint_without_safetensors_falls_back_to_rank0_reading_it_whole(results):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_a_checkpoint_without_safetensors_falls_back_to_rank0_reading_it_whole(strategy, results):
     for rank in (0, 1):
-        fallback = results[rank][("bin", "full", "fp32", True)]
+        fallback = results[rank][(strategy, "bin", "full", "fp32", True)]
         assert not fallback["streaming"]
-        assert fallback["read_whole"] is (rank == 0)
-        everywhere = results[rank][("sharded", "full", "fp32", False)]  # the same weights, loaded by every rank
+        if strategy == "fsdp":
+            assert fallback["read_whole"] is (rank == 0)
+        else:  # transformers' zero.Init load: rank 0 reads, every rank's parameters partitioned as they are built
+            assert fallback["partitioned"]
+        everywhere = results[rank][(strategy, "sharded", "full", "fp32", False)]  # the same weights, every rank loads
         _assert_same(fallback["params"], everywhere["params"])
         assert fallback["losses"] == everywhere["losses"]
