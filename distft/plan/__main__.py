@@ -83,10 +83,11 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     labels = {"weights": "weights", "lora": "LoRA parameters", "autocast_cache": "autocast bf16 weight copies",
               "gradients": "gradients",
               "optimizer": "optimizer states", "sharding_buffers": "sharding / communication buffers",
-              "activations": "activations", "runtime": "runtime (CPU process baseline)",
+              "activations": "activations", "optimizer_step": "optimizer step beyond the activations",
+              "runtime": "runtime (CPU process baseline)",
               "checkpoint_file": "mapped weights file (CPU)"}
     for key, label in labels.items():
-        if key == "autocast_cache" and not mem.train.get(key):
+        if key in ("autocast_cache", "optimizer_step") and not mem.train.get(key):
             continue
         out.append(f"  {label:<34} {gib(mem.train.get(key, 0)):>9}")
     out.append(f"  {'total':<34} {gib(sum(mem.train.values())):>9}")
@@ -95,7 +96,7 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     out.append("  " + activation_table(cfg, plan))
     out.append("")
     out.append("peak per worker by phase (GiB)        rank 0    others")
-    names = {"load": "load", "train": "train step", "eval": "eval / generation",
+    names = {"load": "load", "prepare": "prepare (wrap / shard)", "train": "train step", "eval": "eval / generation",
              "save": "checkpoint save", "export": "export (write + check)"}
     for phase, peaks in mem.phases.items():
         out.append(f"  {names[phase]:<34} {gib(peaks['rank0']):>8} {gib(peaks['other']):>9}")

@@ -19,7 +19,12 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of the conf
 # distft's generated config leaves unset.
 ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
                  "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000,
-                 "stage3_param_persistence_threshold": 100_000}
+                 "stage3_param_persistence_threshold": 100_000, "sub_group_size": 1_000_000_000}
+# ZeRO-3's optimizer step on one sub-group of fp32 partitions, in partition sizes above the steady state: its
+# flattened gradient copy (stage3._prepare_fp32_grad_for_sub_group), AdamW's foreach temporaries and freed memory
+# the allocator keeps. Measured on CPU, 0.35B full fine-tuning: 4.15 and 4.7 on the two ranks (bench/bench_scale.py,
+# docs/benchmarks.md "Loading at scale"); the larger is used.
+ZERO3_STEP_PARTITIONS = 4.7
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantisation: the absmax values are quantised to 8 bits in blocks of 256
 # Activation elements saved per token and decoder layer (see docs/planner.md; measured with saved-tensor hooks on
@@ -35,6 +40,10 @@ PROMPT_TOKENS = 256
 # libraries imported later add; measured by `python bench/bench_plan.py --baseline` (docs/benchmarks.md).
 CPU_RUNTIME_BYTES = {"base": int(0.45 * GiB), "transformers": int(0.16 * GiB), "deepspeed": int(0.17 * GiB)}
 # GPU: memory outside torch's allocator counts against the card but not against max_memory_allocated.
+# DDP's start-up broadcast of rank 0's weights (torch's _sync_module_states) flattens them into 250 MiB buckets; two are
+# alive at once (measured: 0.50 GiB above the loaded model on SmolLM2 and 0.62 GiB at 3.4B, docs/benchmarks.md); a
+# model smaller than a bucket fills one bucket of its own size
+DDP_SYNC_BUCKET = 250 * 2**20
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/NCCL workspaces (docs/planner.md, sources)
 ALLOCATOR_OVERHEAD = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
 
@@ -142,6 +151,7 @@ class EngineState:
     optimizer: int
     buffers: int
     host_offloaded: int = 0
+    step: int = 0  # temporaries of the optimizer step, after the activations are freed
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,9 +164,9 @@ def estimate_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
     proc = process_bytes(shape, x, w, notes)
     train = train_components(shape, x, w, state, proc)
     steady = steady_bytes(x, w, state, proc)
-    load, host_per_node = load_phase(shape, x, w, host_offloaded=w.host_offloaded + state.host_offloaded,
-                                     runtime=proc.runtime, mapped_load=proc.mapped_load, notes=notes)
-    phases = {"load": load, "train": _every_rank(sum(train.values()))}
+    phases, host_per_node = load_phase(shape, x, w, host_offloaded=w.host_offloaded + state.host_offloaded,
+                                       runtime=proc.runtime, mapped_load=proc.mapped_load, notes=notes)
+    phases["train"] = _every_rank(sum(train.values()))
     if x.eval_enabled:
         phases["eval"] = _every_rank(eval_peak(shape, x, w, steady=steady, notes=notes))
     phases.update(save_and_export_phases(shape, x, w, steady=steady, load_device=load_device_bytes(x, w),
@@ -259,6 +269,8 @@ def deepspeed_state(shape: ModelShape, x: MemoryInputs, w: Weights) -> EngineSta
     else:  # fp32 partitions (ZeRO-3: the fp32 copy for the step is made per sub-group, after activations are gone)
         grads = w.trainable * 4 // x.world
     state = EngineState(gradients=grads, optimizer=w.trainable * 12 // x.world, buffers=reduce_bucket)
+    if stage == 3 and not x.sharding.offload_optimizer:
+        state.step = int(ZERO3_STEP_PARTITIONS * min(zc["sub_group_size"], w.trainable // x.world) * 4)
     state.notes.append(f"DeepSpeed: reduce_bucket_size {zc['reduce_bucket_size']:.3g} elements, allocated whole: "
                        f"{reduce_bucket / GiB:.2f} GiB (strategy.deepspeed={{zero_optimization:{{reduce_bucket_size:N}}}} "
                        "to shrink it)")
@@ -312,9 +324,11 @@ def train_components(shape: ModelShape, x: MemoryInputs, w: Weights, state: Engi
     # bf16 autocast keeps a bf16 copy of every fp32 weight it casts (DDP full fine-tuning) until the forward and
     # backward are done: a weights term, not activations
     autocast_copies = w.total * 2 if x.sharding.engine == "ddp" and x.method == "full" and x.act_bytes == 2 else 0
+    # the optimizer step's temporaries come after backward has freed the activations: they add only what exceeds them
     return {"weights": w.weights, "lora": w.lora_held, "autocast_cache": autocast_copies,
             "gradients": state.gradients, "optimizer": state.optimizer, "sharding_buffers": state.buffers,
-            "activations": acts, "runtime": proc.runtime, "checkpoint_file": proc.mapped}
+            "activations": acts, "optimizer_step": max(0, state.step - acts), "runtime": proc.runtime,
+            "checkpoint_file": proc.mapped}
 
 
 def steady_bytes(x: MemoryInputs, w: Weights, state: EngineState, proc: ProcessBytes) -> int:
@@ -335,10 +349,13 @@ def load_device_bytes(x: MemoryInputs, w: Weights) -> int:
 
 
 def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded: int, runtime: int,
-               mapped_load: int, notes: list[str]) -> tuple[dict[str, int], int]:
-    """Peak per worker while loading, and the host RAM a node needs for it. Every worker materialises the whole
-    model on its device before the strategy shards it (distft.model.load_model: from_pretrained, then .to(device);
-    QLoRA quantises while loading with device_map) — unless rank-0 loading is on."""
+               mapped_load: int, notes: list[str]) -> tuple[dict[str, dict[str, int]], int]:
+    """Peaks per worker while loading (`load`: Strategy.load_model and the method) and, where it adds something,
+    while the strategy wraps the model (`prepare`, before any optimizer state exists), and the host RAM a node needs
+    for both. Every worker materialises the whole model on its device before the strategy shards it
+    (distft.model.load_model: from_pretrained, then .to(device); QLoRA quantises while loading with device_map) —
+    unless the sharded load is streamed. Measured on CPU against a 3.4B model (bench/bench_scale.py,
+    docs/benchmarks.md "Loading at scale")."""
     load_device = load_device_bytes(x, w)
     load = load_device + runtime + mapped_load
     offloading = x.sharding.offload_params or x.sharding.offload_optimizer
@@ -348,36 +365,34 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
         # from_pretrained builds the model in host RAM, then .to(device); QLoRA streams tensors to the GPU
         per_worker_host = min(load_device, 10 * 10**9) if x.method == "qlora" else load_device
         host_per_node = x.gpus_per_node * per_worker_host + (x.gpus_per_node * host_offloaded if offloading else 0)
-    if x.sharding.engine == "fsdp" and x.rank0_load:
-        # distft.strategy.streaming: every rank builds the model without weights and allocates only its shards;
-        # rank 0 reads the checkpoint one decoder layer (or one root tensor) at a time, cast to the training dtype,
-        # and broadcasts it into the shards. No rank ever holds the whole model.
+    if x.sharding.shards_parameters and x.rank0_load:
+        # distft.strategy.streaming: every rank builds the model without weights; rank 0 reads the checkpoint one
+        # decoder layer (or one root tensor) at a time, cast to the load dtype, and every rank receives the group
+        # whole before keeping its shard (FSDP: torch's broadcast into the shards, in prepare; ZeRO-3: DeepSpeed's
+        # parameter conversion, in load_model). No rank ever holds the whole model.
         group = max(shape.layer_params(), shape.embedding_params()) * x.load_bytes
-        in_flight = shape.vocab * shape.hidden * x.load_bytes
-        other = w.weights + w.lora_held + in_flight + runtime
+        other = w.weights + w.lora_held + group + runtime
         if x.accelerator == "cpu":
-            host_per_node = x.gpus_per_node * other + group
+            host_per_node = x.gpus_per_node * other + group  # rank 0 also holds the group it read
         else:
             host_per_node = group + (x.gpus_per_node * host_offloaded if offloading else 0)
         notes.append(f"load: streamed — rank 0 reads one layer group at a time ({group / GiB:.2f} GiB) into host "
-                     "memory and broadcasts it into every rank's shards (strategy.rank0_load)")
-        return {"rank0": other + (group if x.accelerator == "cpu" else 0), "other": other}, host_per_node
-    if x.sharding.shards_parameters and x.rank0_load:
-        # ZeRO-3's rank-0 loading: rank 0 reads the weights into host memory, zero.Init partitions each layer as
-        # it is built, so a device holds its shard plus about one full tensor (the embedding) in flight.
-        in_flight = shape.vocab * shape.hidden * x.load_bytes
-        other = w.weights + w.lora_held + in_flight + runtime
-        if x.accelerator == "cpu":
-            host_per_node = load + (x.gpus_per_node - 1) * other
-        else:
-            host_per_node = load_device + (x.gpus_per_node * host_offloaded if offloading else 0)
-        notes.append(f"load: rank 0 reads the model ({load_device / GiB:.1f} GiB) into host memory; the other ranks "
-                     "start from empty tensors and receive their shards (strategy.rank0_load)")
-        return {"rank0": load if x.accelerator == "cpu" else other, "other": other}, host_per_node
+                     "memory and every rank keeps its shard of it (strategy.rank0_load; a checkpoint without "
+                     "safetensors weights is read whole by rank 0 instead)")
+        filled = {"rank0": other + (group if x.accelerator == "cpu" else 0), "other": other}
+        if x.sharding.engine == "fsdp":  # load_model builds an empty model; the weights arrive after fully_shard
+            return {"load": _every_rank(runtime + w.lora_held), "prepare": filled}, host_per_node
+        return {"load": filled}, host_per_node
     if x.sharding.shards_parameters:
         notes.append(f"load: each worker holds the full model ({load_device / GiB:.1f} GiB) on its device before "
                      "sharding (distft.model.load_model), so the model must fit one device at load")
-    return {"rank0": load, "other": load}, host_per_node
+    phases = {"load": _every_rank(load)}
+    if x.sharding.engine == "ddp" and x.world > 1:
+        sync = 2 * min(DDP_SYNC_BUCKET, w.module_bytes)
+        phases["prepare"] = _every_rank(load + sync)
+        if x.accelerator == "cpu":
+            host_per_node += x.gpus_per_node * sync
+    return phases, host_per_node
 
 
 def eval_peak(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, notes: list[str]) -> int:
@@ -411,9 +426,9 @@ def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, st
                            notes: list[str]) -> dict:
     """Checkpoint save: DDP's rank 0 writes the trainable weights with safetensors, which first serialises them
     into one bytes object (a full copy); ZeRO and DCP write each rank's shards from the tensors themselves.
-    Export (distft.export_shards): every rank gathers one tensor at a time and rank 0 writes it into its place in
-    the sharded safetensors files, so a rank holds its training state plus the largest tensor (at most fp32) and
-    rank 0 its CPU copy; then the check: reloading the export on rank 0's device (logits), or reading the written
+    Export (distft.export_shards): every rank gathers one tensor at a time (ZeRO-3: settings.EXPORT_GATHER_NUMEL
+    elements at a time) and rank 0 writes it into its place in the sharded safetensors files, so a rank holds its
+    training state plus what is gathered (the largest tensor at most fp32) and rank 0 a CPU copy; then the check: reloading the export on rank 0's device (logits), or reading the written
     tensors back one at a time (tensors; auto chooses it when a reload would take more than half of what training
     leaves free on the device)."""
     save_extra = w.trainable * 4 if x.sharding.engine == "ddp" else 0
@@ -427,8 +442,12 @@ def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, st
         if not reload:
             notes.append(f"export: run.export_check={x.export_check} — the written tensors are read back one at a "
                          f"time instead of reloading the model ({load_device / GiB:.1f} GiB) on rank 0")
-        rank0 = steady + 2 * tensor + (load_device if reload else tensor)
-        phases["export"] = {"rank0": rank0, "other": steady + tensor}
+        gathered = tensor
+        if x.sharding.engine == "deepspeed" and x.sharding.zero_stage == 3:  # every rank gathers a chunk at a time
+            exported, per_param = (w.total, w.per_param) if x.method == "full" else (w.lora, 4)  # adapters: fp32
+            gathered = int(min(exported, max(settings.EXPORT_GATHER_NUMEL, tensor // 4)) * per_param)
+        rank0 = steady + gathered + tensor + (load_device if reload else tensor)
+        phases["export"] = {"rank0": rank0, "other": steady + gathered}
     return phases
 
 

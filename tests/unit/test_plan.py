@@ -8,6 +8,7 @@ import torch
 from distft.plan import alternatives, plan_config, predict_run
 from distft.plan.__main__ import main as plan_main
 from distft.plan.memory import (
+    ZERO3_STEP_PARTITIONS,
     ZERO_DEFAULTS,
     GiB,
     MemoryInputs,
@@ -80,7 +81,8 @@ def test_zero_defaults_match_deepspeed():
                              "allgather_bucket_size": z.allgather_bucket_size,
                              "stage3_prefetch_bucket_size": z.prefetch_bucket_size,
                              "stage3_max_live_parameters": z.max_live_parameters,
-                             "stage3_param_persistence_threshold": z.param_persistence_threshold}
+                             "stage3_param_persistence_threshold": z.param_persistence_threshold,
+                             "sub_group_size": z.sub_group_size}
 
 
 def test_nf4_double_quant_is_about_half_a_byte_per_weight():
@@ -195,12 +197,13 @@ def test_llama2_70b_full_on_32_24gb_gpus_needs_optimizer_offload():
     assert any("before sharding" in n for n in everywhere.memory.notes)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 @pytest.mark.parametrize("method,group_params_bytes", [("lora", 2), ("full", 4)])
-def test_llama2_70b_fsdp_streams_its_load_through_one_layer_group_of_host_ram(method, group_params_bytes):
-    """FSDP's rank-0 loading streams the checkpoint (distft.strategy.streaming): host RAM per 8-GPU node at load is
-    one decoder layer in the load dtype (bf16 base for LoRA, fp32 for full), not the model (128-257 GiB); the issue's
-    bound is 60 GB per node."""
-    cfg = compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x", "strategy=fsdp",
+def test_llama2_70b_sharded_load_streams_through_one_layer_group_of_host_ram(strategy, method, group_params_bytes):
+    """Rank-0 loading under FSDP and ZeRO-3 streams the checkpoint (distft.strategy.streaming): host RAM per 8-GPU
+    node at load is one decoder layer in the load dtype (bf16 base for LoRA, fp32 for full), not the model (128-257
+    GiB); the issue's bound is 60 GB per node."""
+    cfg = compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x", f"strategy={strategy}",
                        "trainer.gradient_checkpointing=true"])
     plan = plan_config(cfg)
     layer = plan.shape.layer_params() * group_params_bytes
@@ -208,7 +211,7 @@ def test_llama2_70b_fsdp_streams_its_load_through_one_layer_group_of_host_ram(me
     assert plan.memory.host_per_node_load < 60e9 / 8  # far below the bound: a bf16 70B layer is 1.7 GB
     assert any("streamed" in n for n in plan.memory.notes)
     everywhere = plan_config(compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x",
-                                          "strategy=fsdp", "strategy.rank0_load=false"]))
+                                          f"strategy={strategy}", "strategy.rank0_load=false"]))
     assert everywhere.memory.host_per_node_load > 8 * 100 * GiB  # every rank builds the whole model first
 
 
@@ -259,6 +262,34 @@ def test_deepspeed_bucket_size_set_by_the_user_reaches_the_plan():
     small = plan_config(compose_cfg([*base, "+strategy.deepspeed.zero_optimization.reduce_bucket_size=1000000"]))
     assert default.train["sharding_buffers"] == 500 * small.train["sharding_buffers"]
     assert any("reduce_bucket_size 1e+06" in n for n in small.memory.notes)
+
+
+def test_zero3_step_temporaries_count_where_they_exceed_the_freed_activations():
+    """ZeRO-3's optimizer step (a flat fp32 copy of a sub-group's gradients, AdamW's temporaries) comes after backward
+    has freed the activations: measured at 4.7 fp32 partitions above the steady state on CPU (bench_scale, 0.35B)."""
+    def plan(strategy: str, *extra: str):
+        return plan_config(compose_cfg(["+experiment=gsm8k_full", "model=llama2_7b", f"strategy={strategy}",
+                                        "trainer.precision=fp32", *NO_EVAL, *extra]))
+
+    short, long = plan("zero3", "data.seq_len=32"), plan("zero3", "data.seq_len=4096")
+    step = int(ZERO3_STEP_PARTITIONS * 4 * short.memory.trainable_params // 8)
+    assert short.train["optimizer_step"] == step - short.train["activations"] > 0
+    assert long.train["activations"] > step and long.train["optimizer_step"] == 0  # the step fits in freed space
+    small = plan("zero3", "data.seq_len=32", "+strategy.deepspeed.zero_optimization.sub_group_size=1000000")
+    assert small.train["optimizer_step"] == 0  # one small sub-group at a time
+    assert plan("zero3_offload", "data.seq_len=32").train["optimizer_step"] == 0  # the step runs on DeepSpeed's CPU Adam
+
+
+def test_ddp_start_up_broadcast_buckets_are_capped_by_the_model():
+    """_sync_module_states flattens rank 0's weights into 250 MiB buckets, two alive at once; a smaller model fills
+    one bucket of its own size."""
+    for model, module_mib in (("llama2_7b", None), ("tiny_llama", 0)):
+        plan = plan_config(compose_cfg(["+experiment=gsm8k_full", f"model={model}", "strategy=ddp", *NO_EVAL]))
+        load, prepare = plan.memory.phases["load"]["rank0"], plan.memory.phases["prepare"]["rank0"]
+        if module_mib is None:
+            assert prepare - load == 2 * 250 * 2**20
+        else:
+            assert 0 < prepare - load == 2 * plan.memory.total_params * 4 < 2 * 250 * 2**20
 
 
 def test_alternatives_are_feasible_and_ranked():
