@@ -59,6 +59,11 @@ bench-memory: $(STAMP)  ## per-worker memory of ddp/zero2/zero3/fsdp (+offload) 
 	$(BIN)/python bench/bench_memory.py --out docs/results/memory_cpu.json
 	$(BIN)/python bench/bench_memory.py --load --out docs/results/memory_load_cpu.json
 
+.PHONY: bench-scale
+bench-scale: $(STAMP)  ## load/checkpoint/export at 3.4B and 0.35B vs distft before issue 13 (CPU, ~10 min, 24 GiB)
+	git worktree add -f /tmp/distft-before b3a27a7 2>/dev/null || true
+	$(BIN)/python bench/bench_scale.py --before /tmp/distft-before --out docs/results/scale_cpu.json
+
 docker-gpu:  ## build the CUDA image distft:gpu (also the Ray cluster image; needs a Docker engine)
 	docker build -f docker/Dockerfile -t distft:gpu .
 

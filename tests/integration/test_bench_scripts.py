@@ -1,5 +1,6 @@
-"""bench/bench_peers.py and bench/bench_launcher.py with --dry-run (tiny random Llama, a few steps): the commands
-behind docs/benchmarks.md's peer and launcher figures, run end to end so that they cannot rot. Not timings."""
+"""bench/bench_peers.py and bench/bench_launcher.py with --dry-run, bench/bench_scale.py with --shape tiny (tiny random
+Llama, a few steps): the commands behind docs/benchmarks.md's peer, launcher and loading-at-scale figures, run end to
+end so that they cannot rot. Not timings."""
 
 import json
 import math
@@ -66,3 +67,24 @@ def test_launcher_benchmark_runs_the_same_recipe_under_ray_and_torchrun(tmp_path
         assert r["wall_seconds"] > r["loop_seconds"] > 0
     # one recipe, two launchers: the same seed, rows and sharding give the same loss curve
     assert report["same_losses_both"] is True
+
+
+@pytest.mark.nightly  # ~2 min of DeepSpeed and FSDP start-ups; the streaming load itself is tested in CI
+def test_scale_benchmark_measures_every_phase_and_puts_the_planner_beside_it(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--shape", "tiny", "--out", str(out),
+                           "--work-root", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["case"]["part"], r["case"]["strategy"]) for r in runs} == {
+        ("load", "ddp"), ("load", "fsdp"), ("load", "zero3"), ("state", "fsdp"), ("state", "zero3")}
+    for r in runs:  # no --before checkout: today's code only, each with the planner's figures
+        assert r["failed"] is None and r["case"]["code"] == "today" and r["plan"]["host_per_node_load"] > 0
+        phases = ("load", "prepare") + (() if r["case"]["part"] == "load" else ("step", "save", "restore", "export"))
+        for rank in r["ranks"]:
+            assert set(rank["phases"]) == set(phases)
+            assert all(rank["phases"][p]["peak_rss"] > 0 and rank["phases"][p]["seconds"] > 0 for p in phases)
+        if r["case"]["part"] == "state":
+            assert r["ranks"][0]["checkpoint_bytes"] > 0 and r["ranks"][0]["export_bytes"] > 0
+            assert r["ranks"][0]["export_check"]["ok"] is True
+    assert "Loading `tiny`" in proc.stdout and "| zero3 | today |" in proc.stdout
