@@ -239,23 +239,31 @@ def worker(rank: int, port: int, case: dict, out_dir: str) -> None:
 
 # --- driver ------------------------------------------------------------------------------------------------------
 
-def run_case(case: dict, timeout: int = 1200) -> list[dict]:
+def spawn_ranks(target, case: dict, out_dir: str, timeout: int) -> list[int]:
+    """Run `target(rank, port, case, out_dir)` as two spawned processes (ranks 0 and 1); kill what is still alive
+    after `timeout` seconds. Their exit codes."""
     import multiprocessing
 
+    ctx = multiprocessing.get_context("spawn")
+    port = random.randint(20000, 60000)
+    procs = [ctx.Process(target=target, args=(r, port, case, out_dir)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(timeout=max(1, deadline - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def run_case(case: dict, timeout: int = 1200) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="distft-bench-mem-") as tmp:
-        ctx = multiprocessing.get_context("spawn")
-        port = random.randint(20000, 60000)
-        procs = [ctx.Process(target=worker, args=(r, port, case, tmp)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        deadline = time.time() + timeout
-        for p in procs:
-            p.join(timeout=max(1, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"{case}: workers exited with {[p.exitcode for p in procs]}")
+        codes = spawn_ranks(worker, case, tmp, timeout)
+        if any(c != 0 for c in codes):
+            raise RuntimeError(f"{case}: workers exited with {codes}")
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -30,7 +30,6 @@ import gc
 import inspect
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_memory import machine, malloc_trim, proc_status  # noqa: E402  (no distft import at module level)
+from bench_memory import machine, malloc_trim, proc_status, spawn_ranks  # noqa: E402  (no distft import at module level)
 
 GiB = 2**30
 SHAPES = {  # LlamaConfig keys; vocabulary as Llama-2's
@@ -234,23 +233,10 @@ def overrides(case: dict) -> list[str]:
 def run_case(case: dict, timeout: int = 3600) -> tuple[list[dict], str | None]:
     """Both ranks' results, and why the case failed (None if it did not): the phases done before a failure are
     kept (a rank killed for memory is the old code's result at this size, not an error of the benchmark)."""
-    import multiprocessing
-
     with tempfile.TemporaryDirectory(prefix="distft-bench-scale-", dir=case["work_root"]) as tmp:
-        ctx = multiprocessing.get_context("spawn")
-        port = random.randint(20000, 60000)
-        procs = [ctx.Process(target=worker, args=(r, port, case, tmp)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        deadline = time.time() + timeout
-        for p in procs:
-            p.join(timeout=max(1, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+        codes = spawn_ranks(worker, case, tmp, timeout)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) if Path(tmp, f"rank{r}.json").exists()
                  else {"rank": r, "phases": {}} for r in (0, 1)]
-        codes = [p.exitcode for p in procs]
         if all(c == 0 for c in codes):
             return ranks, None
         done = [name for name in PHASES if all(name in r["phases"] for r in ranks)]
