@@ -314,6 +314,12 @@ def fill_zero3(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint | None,
     groups = [list(layer.modules()) for layer in layers]
     groups += [[m] for m in model.modules() if id(m) not in in_layers and any(
         p is not None for p in m._parameters.values())]
+    # Buffers are computed (rotary inv_freq), identical on every rank, and never partitioned. Every module's: the
+    # rotary embedding holds buffers and no parameters, and DeepSpeed moves no module of a zero.Init model to its device
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
     converted: dict[int, torch.nn.Parameter] = {}  # id of the empty parameter -> its ZeRO-3 parameter (ties share)
     anchor = None
     read = held = 0
@@ -334,9 +340,6 @@ def fill_zero3(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint | None,
                     converted[id(p)] = new
                     fresh.append(new)
                 module._parameters[name] = converted[id(p)]
-            for name, b in module._buffers.items():  # computed (rotary inv_freq): identical on every rank
-                if b is not None:
-                    module._buffers[name] = b.to(device)
         size = sum(p.numel() * p.element_size() for p in fresh)
         read, held = read + size, max(held, size)
         if anchor is None:  # the first conversion sets DeepSpeed's partitioning up from the config
