@@ -9,7 +9,7 @@ Two parts, each on a random-initialised Llama written once as a bf16 checkpoint 
 - `0.35b` (24 layers x 1024 hidden), full fine-tuning in fp32 (weights, gradients and Adam states: 16 bytes per
   parameter, as bf16 mixed precision keeps them): one training step, checkpoint save / restore and the export of a
   full model under fsdp and zero3. At 0.7B (24 x 1536) FSDP ran, but ZeRO-3's first step was killed for memory
-  (its step holds about 4.7 fp32 partitions of temporaries, which the planner then missed), so both run here.
+  (its step holds about 4.6 fp32 partitions of temporaries, which the planner then missed), so both run here.
 
 Each case runs in a fresh pair of processes (torch.distributed over gloo, as Ray Train sets it up on CPU workers)
 through the real distft code: `Strategy.load_model` with `distft.model.load_model`, `apply_method`,

@@ -22,8 +22,8 @@ ZERO_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500
                  "stage3_param_persistence_threshold": 100_000, "sub_group_size": 1_000_000_000}
 # ZeRO-3's optimizer step on one sub-group of fp32 partitions, in partition sizes above the steady state: its
 # flattened gradient copy (stage3._prepare_fp32_grad_for_sub_group), AdamW's foreach temporaries and freed memory
-# the allocator keeps. Measured on CPU, 0.35B full fine-tuning: 4.15 and 4.7 on the two ranks (bench/bench_scale.py,
-# docs/benchmarks.md "Loading at scale"); the larger is used.
+# the allocator keeps. Measured on CPU, 0.35B full fine-tuning (bench/bench_scale.py, docs/benchmarks.md "Loading at
+# scale"): 4.56 on both ranks in docs/results/scale_cpu.json, 4.15 and 4.7 in an earlier run; the largest is used.
 ZERO3_STEP_PARTITIONS = 4.7
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size (one absmax per 64 weights)
 DQ_BLOCK = 256  # double quantisation: the absmax values are quantised to 8 bits in blocks of 256
@@ -428,9 +428,9 @@ def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, st
     into one bytes object (a full copy); ZeRO and DCP write each rank's shards from the tensors themselves.
     Export (distft.export_shards): every rank gathers one tensor at a time (ZeRO-3: settings.EXPORT_GATHER_NUMEL
     elements at a time) and rank 0 writes it into its place in the sharded safetensors files, so a rank holds its
-    training state plus what is gathered (the largest tensor at most fp32) and rank 0 a CPU copy; then the check: reloading the export on rank 0's device (logits), or reading the written
-    tensors back one at a time (tensors; auto chooses it when a reload would take more than half of what training
-    leaves free on the device)."""
+    training state plus what is gathered (the largest tensor at most fp32) and rank 0 a CPU copy; then the check:
+    reloading the export on rank 0's device (logits), or reading the written tensors back one at a time (tensors;
+    auto chooses it when a reload would take more than half of what training leaves free on the device)."""
     save_extra = w.trainable * 4 if x.sharding.engine == "ddp" else 0
     phases = {"save": {"rank0": steady + save_extra, "other": steady}}
     if x.export:
@@ -445,7 +445,8 @@ def save_and_export_phases(shape: ModelShape, x: MemoryInputs, w: Weights, *, st
         gathered = tensor
         if x.sharding.engine == "deepspeed" and x.sharding.zero_stage == 3:  # every rank gathers a chunk at a time
             exported, per_param = (w.total, w.per_param) if x.method == "full" else (w.lora, 4)  # adapters: fp32
-            gathered = int(min(exported, max(settings.EXPORT_GATHER_NUMEL, tensor // 4)) * per_param)
+            largest = tensor // 4  # elements of the largest exported tensor (`tensor` is its fp32 bytes)
+            gathered = int(min(exported, max(settings.EXPORT_GATHER_NUMEL, largest)) * per_param)
         rank0 = steady + gathered + tensor + (load_device if reload else tensor)
         phases["export"] = {"rank0": rank0, "other": steady + gathered}
     return phases

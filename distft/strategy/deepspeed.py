@@ -156,8 +156,8 @@ class DeepSpeedStrategy:
                        layers=decoder_layers(model))
             return model
         if rank == 0:
-            log.warning("ZeRO-3: the weights cannot be streamed layer by layer because %s; transformers' zero.Init load "
-                        "reads the whole model on rank 0 instead", problem)
+            log.warning("ZeRO-3: the weights cannot be streamed layer by layer because %s; transformers' zero.Init "
+                        "load reads the whole model on rank 0 instead", problem)
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         # transformers keeps only a weak reference: the object must stay alive for the whole load, and is unset
@@ -256,8 +256,9 @@ class DeepSpeedStrategy:
         """The export's tensors in plan order (collective: every rank iterates to the end); rank 0 gets CPU copies
         in the export dtype, the others None.
 
-        ZeRO-3 gathers at most `settings.EXPORT_GATHER_NUMEL` elements' worth of parameters at a time. bf16 runs read the fp32
-        master weights of trainable parameters rather than their bf16 working copies (then cast to the export dtype).
+        ZeRO-3 gathers at most `settings.EXPORT_GATHER_NUMEL` elements' worth of parameters at a time. bf16 runs read
+        the fp32 master weights of trainable parameters rather than their bf16 working copies (then cast to the export
+        dtype).
         """
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
@@ -269,7 +270,8 @@ class DeepSpeedStrategy:
         plan = plan or export_plan(module, precision=self.precision)
         named = {name: tensor for name, tensor, _ in state_tensors(module)}
         items = [(item, named[item.sources[0]]) for item in plan.tensors]
-        for chunk in _chunks(items, settings.EXPORT_GATHER_NUMEL, numel=lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())):
+        numel = lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())  # noqa: E731  (partitioned: whole size)
+        for chunk in _chunks(items, settings.EXPORT_GATHER_NUMEL, numel=numel):
             params = list({id(t): t for _, t in chunk if isinstance(t, torch.nn.Parameter)}.values())
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3 \
                 else contextlib.nullcontext()

@@ -266,7 +266,7 @@ def test_deepspeed_bucket_size_set_by_the_user_reaches_the_plan():
 
 def test_zero3_step_temporaries_count_where_they_exceed_the_freed_activations():
     """ZeRO-3's optimizer step (a flat fp32 copy of a sub-group's gradients, AdamW's temporaries) comes after backward
-    has freed the activations: measured at 4.7 fp32 partitions above the steady state on CPU (bench_scale, 0.35B)."""
+    has freed the activations: up to 4.7 fp32 partitions above the steady state on CPU (bench_scale, 0.35B)."""
     def plan(strategy: str, *extra: str):
         return plan_config(compose_cfg(["+experiment=gsm8k_full", "model=llama2_7b", f"strategy={strategy}",
                                         "trainer.precision=fp32", *NO_EVAL, *extra]))
