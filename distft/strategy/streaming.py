@@ -289,7 +289,7 @@ def adapter_problem(model: torch.nn.Module) -> str | None:
 def release_freed_memory() -> None:
     """Hand memory freed on the heap back to the OS (glibc's malloc_trim; a no-op elsewhere). After the first large
     free, glibc serves tensors of up to 32 MiB from the heap and keeps what they free: loading a 3.4B model into ZeRO-3
-    partitions on CPU held 1 GiB more per rank without this (docs/benchmarks.md, "Loading at scale")."""
+    partitions on CPU held well above the plan without this (docs/benchmarks.md, "Loading at scale")."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
