@@ -64,6 +64,10 @@ bench-scale: $(STAMP)  ## load/checkpoint/export at 3.4B and 0.35B vs distft bef
 	git worktree add -f /tmp/distft-before b3a27a7 2>/dev/null || true
 	$(BIN)/python bench/bench_scale.py --before /tmp/distft-before --out docs/results/scale_cpu.json
 
+.PHONY: bench-merge
+bench-merge: $(STAMP)  ## LoRA merged into a 3.4B base: streamed vs peft's whole-model merge (CPU, ~2 min)
+	$(BIN)/python bench/bench_merge.py --out docs/results/merge_cpu.json
+
 docker-gpu:  ## build the CUDA image distft:gpu (also the Ray cluster image; needs a Docker engine)
 	docker build -f docker/Dockerfile -t distft:gpu .
 

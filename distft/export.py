@@ -11,6 +11,7 @@ import torch
 from distft import dist, settings
 from distft.dtypes import torch_dtype
 from distft.export_shards import check_export_tensors, export_plan
+from distft.merge import merge_adapter
 from distft.model import count_params, load_model
 from distft.progress import step
 from distft.stop import NO_STOP, StopCheck
@@ -164,18 +165,6 @@ def verify_export_tensors(strategy, export_dir: Path, *, rank: int) -> dict | No
                                + "; ".join(info["mismatched"]))
         log.info("export verified: %d tensors identical to the trained model's", info["tensors"])
     return info
-
-
-def merge_adapter(base_dir: str, adapter_dir: Path, out_dir: Path, *, dtype: str = "fp32") -> None:
-    """Merge a LoRA/QLoRA adapter into an unquantised copy of the base and save a standalone model."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base = load_model(base_dir, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
 
 
 # --- the model card and the Hub ---------------------------------------------------------------------------------

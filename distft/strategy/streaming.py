@@ -77,7 +77,7 @@ def open_checkpoint(model: torch.nn.Module, rank: int) -> tuple[SafetensorsCheck
     checkpoint, problem = None, None
     if rank == 0:
         try:
-            checkpoint, problem = _open_and_check(model)
+            checkpoint, problem = open_local_checkpoint(model)
         except Exception as e:  # any failure is a reason to fall back: the other ranks wait for the answer below
             problem = f"its checkpoint could not be read ({type(e).__name__}: {e})"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -90,7 +90,8 @@ def open_checkpoint(model: torch.nn.Module, rank: int) -> tuple[SafetensorsCheck
     return checkpoint, problem
 
 
-def _open_and_check(model: torch.nn.Module) -> tuple[SafetensorsCheckpoint | None, str | None]:
+def open_local_checkpoint(model: torch.nn.Module) -> tuple[SafetensorsCheckpoint | None, str | None]:
+    """`open_checkpoint` in this process alone, whatever the process group (not collective)."""
     source = getattr(model, "weight_source", None)
     if source is None:
         return None, "the model records no weight source (it was not built by distft.model.load_model(empty=True))"

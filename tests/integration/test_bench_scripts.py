@@ -89,3 +89,17 @@ def test_scale_benchmark_measures_every_phase_and_puts_the_planner_beside_it(tmp
             assert r["ranks"][0]["checkpoint_bytes"] > 0 and r["ranks"][0]["export_bytes"] > 0
             assert r["ranks"][0]["export_check"]["ok"] is True
     assert "Loading `tiny`" in proc.stdout and "| zero3 | today |" in proc.stdout
+
+
+@pytest.mark.nightly  # ~15 s; the merge itself is tested bit for bit in CI (tests/unit/test_merge.py)
+def test_merge_benchmark_runs_both_merges_and_finds_them_identical(tmp_path):
+    out = tmp_path / "merge.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_merge.py"), "--shape", "tiny", "--out", str(out),
+                           "--work-root", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["identical"] is True
+    for way in ("streamed", "peft"):
+        run = result["runs"][way]
+        assert run["peak_rss"] > 0 and run["seconds"] > 0 and run["out_bytes"] > 0
+    assert "| streamed |" in proc.stdout
