@@ -406,7 +406,8 @@ def _state_row(r: dict) -> str:
         cells += ["-", "-"]
     cells.append(_pair(_planned(r, "save")) if _planned(r, "save") else "-")
     restore = _phase(r, "restore", "peak_rss")
-    cells.append(f"{max(_phase(r, 'restore', 'seconds')):.0f} s, {_pair(restore)}" if restore else "-")
+    cells.append(f"{max(_phase(r, 'restore', 'seconds')):.0f} s, {_beside(restore, _planned(r, 'restore'))}"
+                 if restore else "-")
     export = _phase(r, "export", "peak_rss")
     if export:
         cells += [f"{max(_phase(r, 'export', 'seconds')):.0f} s, {_gib(r0['export_bytes'])}, "

@@ -111,7 +111,7 @@ def plan_config(cfg, *, model_dir: str | None = None, shape: ModelShape | None =
         need = mem.peak_bytes
     fits = None if capacity is None else need <= capacity
     if fits and hw.host_memory_gb and accelerator == "cuda":
-        fits = mem.host_per_node_load <= hw.host_memory_gb * GiB
+        fits = max(mem.host_per_node_load, mem.host_per_node_restore) <= hw.host_memory_gb * GiB
     fpt = flops_per_token(shape, method=m.name, seq_len=cfg.data.seq_len,
                           gradient_checkpointing=t.gradient_checkpointing, lora_params=mem.lora_params)
     offload = _offload_seconds(cfg, mem, inputs.sharding)
@@ -182,6 +182,7 @@ def prediction(plan: Plan) -> dict:
         "capacity_bytes": plan.capacity_bytes,
         "fits": plan.fits,
         "host_per_node_load_bytes": mem.host_per_node_load,
+        "host_per_node_restore_bytes": mem.host_per_node_restore,
         "total_params": mem.total_params,
         "trainable_params": mem.trainable_params,
     }
@@ -265,7 +266,9 @@ def refusal(cfg, plan: Plan) -> str | None:
                     f"shared by {plan.world} workers gives {_gib(plan.capacity_bytes)} each")
     else:
         per_node = gpus_per_node(cfg)
-        what = (f"needs {_gib(mem.host_per_node_load)} of host RAM per node while loading "
+        loading = mem.host_per_node_load >= mem.host_per_node_restore
+        what = (f"needs {_gib(max(mem.host_per_node_load, mem.host_per_node_restore))} of host RAM per node "
+                f"while {'loading' if loading else 'resuming from a checkpoint'} "
                 f"({per_node} worker{'s' if per_node > 1 else ''} per node) but hardware.host_memory_gb="
                 f"{hw.host_memory_gb:g}")
     lines = [f"the plan says this run does not fit: it {what} "

@@ -97,7 +97,8 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
     out.append("")
     out.append("peak per worker by phase (GiB)        rank 0    others")
     names = {"load": "load", "prepare": "prepare (wrap / shard)", "train": "train step", "eval": "eval / generation",
-             "save": "checkpoint save", "export": "export (write + check)"}
+             "save": "checkpoint save", "export": "export (write + check)",
+             "restore": "resume from a checkpoint"}
     for phase, peaks in mem.phases.items():
         out.append(f"  {names[phase]:<34} {gib(peaks['rank0']):>8} {gib(peaks['other']):>9}")
     out.append(f"  peak: {gib(plan.peak_bytes)} GiB in phase '{mem.peak_phase}'")
@@ -111,6 +112,8 @@ def render(cfg, plan: Plan, *, tokens: tuple[int, str] | None, alts: list) -> st
         limit = f" of {cfg.hardware.host_memory_gb:g} GiB" if cfg.hardware.host_memory_gb else \
             " (set hardware.host_memory_gb to check it)"
         out.append(f"host RAM per node at load: {host}{limit}")
+        out.append(f"host RAM per node when resuming: {gib(mem.host_per_node_restore)} GiB (the checkpoint's "
+                   "optimizer partitions or weights as read, and offloaded states)")
     else:
         out.append(f"  {plan.world} workers on this machine: {gib(plan.need_bytes)} GiB each, "
                    f"{gib(plan.capacity_bytes)} GiB available per worker: {verdict(plan.fits)}")

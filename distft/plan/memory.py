@@ -44,6 +44,12 @@ CPU_RUNTIME_BYTES = {"base": int(0.45 * GiB), "transformers": int(0.16 * GiB), "
 # alive at once (measured: 0.50 GiB above the loaded model on SmolLM2 and 0.62 GiB at 3.4B, docs/benchmarks.md); a
 # model smaller than a bucket fills one bucket of its own size
 DDP_SYNC_BUCKET = 250 * 2**20
+# Largest checkpoint tensors a worker holds in host memory while a device_map load puts the weights on its GPU:
+# transformers 5 reads with 4 threads (core_model_loading.GLOBAL_WORKERS), one tensor each; under bitsandbytes'
+# on-the-fly quantisation one tensor at a time, counted twice: a QLoRA load of a 3.4B model on CPU peaked 1.6 largest
+# tensors above the model it kept, the quantiser's temporaries included (bench/bench_qlora_load.py)
+DEVICE_MAP_READERS = 4
+QLORA_IN_FLIGHT = 2
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/NCCL workspaces (docs/planner.md, sources)
 ALLOCATOR_OVERHEAD = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
 
@@ -60,11 +66,12 @@ def qlora_bytes_per_param(double_quant: bool) -> float:
 class MemoryPlan:
     """Bytes per worker. `train` holds the components of the training step; `phases` the peak of each phase for
     rank 0 and for the other ranks (rank 0 writes checkpoints and exports); `host_per_node_load` the host RAM a
-    node needs while its workers load the model."""
+    node needs while its workers load the model, `host_per_node_restore` while they resume from a checkpoint."""
 
     train: dict[str, int]
     phases: dict[str, dict[str, int]]
     host_per_node_load: int
+    host_per_node_restore: int = 0
     notes: list[str] = field(default_factory=list)
     total_params: int = 0
     trainable_params: int = 0
@@ -171,8 +178,29 @@ def estimate_memory(shape: ModelShape, inputs: MemoryInputs) -> MemoryPlan:
         phases["eval"] = _every_rank(eval_peak(shape, x, w, steady=steady, notes=notes))
     phases.update(save_and_export_phases(shape, x, w, steady=steady, load_device=load_device_bytes(x, w),
                                          notes=notes))
+    restore = restore_host_bytes(x, w)
+    if x.accelerator == "cpu":  # CPU workers: what the resume reads is host memory beside the steady state
+        phases["restore"] = _every_rank(steady + restore)
+        host_per_node_restore = x.gpus_per_node * (steady + restore)
+    else:
+        offloaded = w.host_offloaded + state.host_offloaded
+        host_per_node_restore = x.gpus_per_node * (restore + offloaded)
     return MemoryPlan(train=train, phases=phases, host_per_node_load=host_per_node, notes=notes,
-                      total_params=w.total, trainable_params=w.trainable, lora_params=w.lora)
+                      host_per_node_restore=host_per_node_restore, total_params=w.total,
+                      trainable_params=w.trainable, lora_params=w.lora)
+
+
+def restore_host_bytes(x: MemoryInputs, w: Weights) -> int:
+    """Host memory a worker reads a checkpoint into while resuming, beside the state it restores. DeepSpeed loads
+    the rank's ZeRO optimizer file (the fp32 weights and Adam moments of its partition) whole with
+    map_location='cpu' (engine._get_all_zero_checkpoint_state_dicts) before copying it into the partitions: measured
+    +1.9 GiB a rank at 0.35B under ZeRO-3 (docs/benchmarks.md, "Loading at scale"). DDP reads the trainable weights
+    with safetensors' load_file (a CPU copy). DCP (FSDP) reads into the shards in place (+0.2 GiB measured)."""
+    if x.sharding.engine == "deepspeed":
+        return w.trainable * 12 // x.world
+    if x.sharding.engine == "ddp":
+        return w.trainable * 4
+    return 0
 
 
 def module_weights(shape: ModelShape, x: MemoryInputs) -> Weights:
@@ -352,9 +380,9 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
                mapped_load: int, notes: list[str]) -> tuple[dict[str, dict[str, int]], int]:
     """Peaks per worker while loading (`load`: Strategy.load_model and the method) and, where it adds something,
     while the strategy wraps the model (`prepare`, before any optimizer state exists), and the host RAM a node needs
-    for both. Every worker materialises the whole model on its device before the strategy shards it
-    (distft.model.load_model: from_pretrained, then .to(device); QLoRA quantises while loading with device_map) —
-    unless the sharded load is streamed. Measured on CPU against a 3.4B model (bench/bench_scale.py,
+    for both. Every worker materialises the whole model on its device before the strategy shards it — on a GPU
+    tensor by tensor (distft.model.load_model's device_map; QLoRA quantises each tensor there), on CPU in host
+    memory — unless the sharded load is streamed. Measured on CPU against a 3.4B model (bench/bench_scale.py,
     docs/benchmarks.md "Loading at scale")."""
     load_device = load_device_bytes(x, w)
     load = load_device + runtime + mapped_load
@@ -362,8 +390,15 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
     if x.accelerator == "cpu":
         host_per_node = x.gpus_per_node * load  # CPU workers: the model lives in host memory
     else:
-        # from_pretrained builds the model in host RAM, then .to(device); QLoRA streams tensors to the GPU
-        per_worker_host = min(load_device, 10 * 10**9) if x.method == "qlora" else load_device
+        per_worker_host = load_device  # ZeRO-3's zero.Init load (strategy.rank0_load=false) reads whole models
+        if x.method == "qlora" or not (x.sharding.engine == "deepspeed" and x.sharding.zero_stage == 3):
+            # distft.model.load_model: device_map puts each tensor on the GPU as it is read (and bitsandbytes
+            # quantises it there): the host holds the tensors in flight, not the model
+            per_worker_host = device_map_in_flight(shape, x)
+            notes.append(f"load: each worker reads the checkpoint tensor by tensor onto its GPU (device_map), "
+                         f"{per_worker_host / GiB:.2f} GiB of host RAM in flight at most; the checkpoint's pages "
+                         f"({w.total * shape.checkpoint_bytes / GiB:.0f} GiB) are mapped as page cache, shared by "
+                         "the node's workers and reclaimable, and not counted")
         host_per_node = x.gpus_per_node * per_worker_host + (x.gpus_per_node * host_offloaded if offloading else 0)
     if x.sharding.shards_parameters and x.rank0_load:
         # distft.strategy.streaming: every rank builds the model without weights; rank 0 reads the checkpoint one
@@ -393,6 +428,16 @@ def load_phase(shape: ModelShape, x: MemoryInputs, w: Weights, *, host_offloaded
         if x.accelerator == "cpu":
             host_per_node += x.gpus_per_node * sync
     return phases, host_per_node
+
+
+def device_map_in_flight(shape: ModelShape, x: MemoryInputs) -> int:
+    """Host memory a worker holds while transformers loads a checkpoint onto its GPU with a device_map: the
+    checkpoint's tensors are read one by one (under on-the-fly quantisation) or by DEVICE_MAP_READERS threads, each
+    freed once it is on the device. A tensor read in the file's dtype is a view of the mapped file; one cast to
+    another dtype on its way is first copied on the host (torch casts before it copies to the device)."""
+    largest = max(shape.embedding_params(), max(i * o for _, i, o in shape.linears()))
+    largest *= max(shape.checkpoint_bytes, x.load_bytes)
+    return largest * (QLORA_IN_FLIGHT if x.method == "qlora" else DEVICE_MAP_READERS)
 
 
 def eval_peak(shape: ModelShape, x: MemoryInputs, w: Weights, *, steady: int, notes: list[str]) -> int:

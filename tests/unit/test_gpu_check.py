@@ -33,6 +33,8 @@ def test_dry_run_runs_every_part_of_the_gpu_check(tmp_path):
     for name, cell in matrix.items():
         assert cell["steps"] == 3 and cell["finite"] and cell["export_check"]["ok"], name
         assert cell["planned_peak_bytes"] > 0 and cell["peak_memory_bytes"] > 0
+        host = cell["host"]  # sampled while the recipe ran: the loader's host memory beside the plan's
+        assert host["anon_peak"] >= host["anon_before"] > 0 and host["file_peak"] > 0 and host["planned_load"] > 0
         assert any(o.startswith("strategy=") for o in cell["overrides"])  # the run can be repeated by hand
     # one rank, fp32, the same seed and rows: every engine takes the same LoRA steps as DDP
     for name in ("fsdp-lora", "zero3-lora"):

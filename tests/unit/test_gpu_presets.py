@@ -43,3 +43,16 @@ def test_each_documented_command_validates_and_plans_as_fitting(overrides, hardw
     plan = plan_config(compose_cfg(overrides))
     assert plan.fits is True, f"{' '.join(overrides)}: peak {plan.memory.peak_bytes / 2**30:.1f} GiB " \
                               f"({plan.memory.peak_phase})"
+
+
+@pytest.mark.parametrize("overrides", [o for o in _documented() if _combination(o) in
+                                       (("llama2_70b", "lora"), ("llama2_70b", "qlora"))],
+                         ids=lambda o: "-".join(_combination(o)))
+def test_the_70b_lora_and_qlora_commands_load_within_60_gb_of_host_ram_per_node(overrides):
+    """Issue 13's bound. LoRA streams the checkpoint through rank 0 one layer at a time (FSDP); QLoRA's ranks each put
+    the 4-bit base on their GPU tensor by tensor (device_map): 2 bf16 embeddings in flight each. (Full fine-tuning
+    at 70B offloads its optimizer states and parameters to host memory on purpose: over 1 TB.)"""
+    plan = plan_config(compose_cfg(overrides))
+    assert plan.memory.host_per_node_load <= 60e9, _combination(overrides)
+    if _combination(overrides)[1] == "qlora":
+        assert plan.memory.host_per_node_load == 8 * 2 * plan.shape.embedding_params() * 2

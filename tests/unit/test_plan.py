@@ -212,7 +212,11 @@ def test_llama2_70b_sharded_load_streams_through_one_layer_group_of_host_ram(str
     assert any("streamed" in n for n in plan.memory.notes)
     everywhere = plan_config(compose_cfg([f"+experiment=gsm8k_{method}", "model=llama2_70b", "hardware=h100_8x",
                                           f"strategy={strategy}", "strategy.rank0_load=false"]))
-    assert everywhere.memory.host_per_node_load > 8 * 100 * GiB  # every rank builds the whole model first
+    assert everywhere.memory.phases["load"]["rank0"] > 80 * GiB and not everywhere.fits  # the whole model per GPU
+    if strategy == "zero3":  # transformers' zero.Init load reads the whole model on every rank
+        assert everywhere.memory.host_per_node_load > 8 * 100 * GiB
+    else:  # FSDP: every rank loads onto its GPU with a device_map, a few tensors of host RAM in flight each
+        assert everywhere.memory.host_per_node_load == 8 * 4 * plan.shape.embedding_params() * group_params_bytes
 
 
 def test_llama2_70b_lora_fsdp_generates_layer_by_layer_when_the_gathered_model_would_not_fit():
@@ -418,15 +422,19 @@ def test_only_when_no_setting_fits_with_the_method_another_method_is_named():
         check_plan(cfg)
 
 
-def test_a_streamed_fsdp_load_fits_a_node_whose_host_ram_holds_less_than_the_model():
-    """7B LoRA on one GPU with 8 GB of host RAM: DDP builds the bf16 model in host RAM first (12.6 GiB) and is
-    refused; FSDP streams one layer at a time into the shard, which fits, and is named as the alternative."""
+def test_a_gpu_load_needs_host_ram_for_the_tensors_in_flight_not_the_model():
+    """7B LoRA on one GPU with 8 GB of host RAM (the bf16 model is 12.6 GiB): DDP loads tensor by tensor onto the
+    GPU (device_map) and FSDP streams one layer at a time, so both fit; ZeRO-3 with strategy.rank0_load=false
+    (transformers' zero.Init load reads the whole model into host memory) is refused, naming one that fits."""
     from distft.plan import PlanRefused, check_plan
 
-    cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.host_memory_gb=8"])
+    small_host = ["+experiment=gsm8k_lora", "hardware=gpu_1x", "hardware.host_memory_gb=8"]
+    for strategy in ("ddp", "fsdp"):
+        prediction, _ = check_plan(compose_cfg([*small_host, f"strategy={strategy}"]))
+        assert prediction["fits"] and prediction["host_per_node_load_bytes"] < 2 * GiB, strategy
     with pytest.raises(PlanRefused, match=r"(?s)host RAM per node while loading \(1 worker per node\).*"
-                                          r"Fits with the same method \(lora\): strategy=fsdp"):
-        check_plan(cfg)
+                                          r"Fits with the same method \(lora\): strategy="):
+        check_plan(compose_cfg([*small_host, "strategy=zero3", "strategy.rank0_load=false"]))
 
 
 def test_enforce_false_and_unknown_capacity_pass_and_a_planner_failure_never_blocks(monkeypatch, capsys):
@@ -475,7 +483,8 @@ def test_full_presets_default_to_a_strategy_that_fits():
 def test_one_gpu_counts_one_worker_of_host_ram():
     cfg = compose_cfg(["+experiment=gsm8k_lora", "hardware=gpu_1x", *NO_EVAL])
     plan = plan_config(cfg)
-    assert plan.memory.host_per_node_load == plan.shape.total_params() * 2  # one bf16 copy, not 8
+    # one worker's tensors in flight (4 loading threads, the largest tensor each: the bf16 embedding), not 8
+    assert plan.memory.host_per_node_load == 4 * plan.shape.embedding_params() * 2
     eight = plan_config(compose_cfg(["+experiment=gsm8k_lora", *NO_EVAL]))
     assert eight.memory.host_per_node_load == 8 * plan.memory.host_per_node_load
 
@@ -584,3 +593,26 @@ def test_8bit_optimizer_states_take_a_quarter_of_adamws_in_the_plan():
     adamw = plan_config(compose_cfg(base)).train["optimizer"]
     eight = plan_config(compose_cfg([*base, "trainer.optimizer=paged_adamw_8bit"])).train["optimizer"]
     assert adamw == 4 * eight and adamw / 2**30 == pytest.approx(8 * 6.74e9 / 2**30, rel=0.02)
+
+
+def test_resuming_counts_what_the_checkpoint_reads_into_host_memory():
+    """DeepSpeed reads each rank's whole optimizer file (fp32 weights and Adam moments of its partition) into host
+    memory before copying it into place; DCP (FSDP) restores in place. On CPU workers that is a restore phase
+    (measured at 0.35B under ZeRO-3: 5.35 GiB a rank, docs/benchmarks.md); on GPUs host RAM per node when resuming,
+    checked against hardware.host_memory_gb like the load."""
+    from distft.plan import PlanRefused, check_plan
+
+    cpu = plan_config(compose_cfg(["+experiment=gsm8k_full", "hardware=cpu", "strategy=zero3"]))
+    partition = cpu.memory.trainable_params * 12 // 2
+    assert cpu.memory.phases["restore"]["rank0"] - cpu.memory.phases["save"]["rank0"] == partition
+    fsdp = plan_config(compose_cfg(["+experiment=gsm8k_full", "hardware=cpu", "strategy=fsdp"]))
+    assert fsdp.memory.phases["restore"] == fsdp.memory.phases["save"]
+
+    full70 = ["+experiment=gsm8k_full", "model=llama2_70b", "hardware=h100_8x", "strategy=zero3_offload",
+              "trainer.gradient_checkpointing=true"]
+    mem = plan_config(compose_cfg(full70)).memory
+    assert "restore" not in mem.phases  # GPU: the read is host memory, not the device's
+    assert mem.host_per_node_restore - mem.host_per_node_load > 8 * mem.trainable_params * 12 // 8 * 0.99
+    between = (mem.host_per_node_load + mem.host_per_node_restore) / 2 / GiB
+    with pytest.raises(PlanRefused, match="of host RAM per node while resuming from a checkpoint"):
+        check_plan(compose_cfg([*full70, f"hardware.host_memory_gb={between:.0f}"]))
