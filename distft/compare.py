@@ -223,7 +223,7 @@ def check_arm_inputs(arms: dict[str, DictConfig], *, joins_cluster: bool) -> Non
         try:
             check_storage(arm_cfg.run.storage_path)
             model_dir = resolve_model_dir(**OmegaConf.to_container(arm_cfg.model, resolve=True))
-            for note in check_inputs(arm_cfg, model_dir, joins_cluster=joins_cluster):
+            for note in check_inputs(arm_cfg, model_dir, joins_cluster=joins_cluster).notes:
                 print(f"distft: note: compare.arms.{name}: {note}", file=sys.stderr)
         except UserError as e:
             raise UserError(f"compare.arms.{name}: {e}") from None

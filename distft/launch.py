@@ -52,12 +52,16 @@ def launch(cfg: DictConfig) -> dict:
     if not address and not ray_initialized():
         validate_cluster(cfg, local_resources(cfg))
     model_dir = resolve_model_dir(**OmegaConf.to_container(cfg.model, resolve=True))
-    for note in check_inputs(cfg, model_dir, joins_cluster=bool(address) or ray_initialized()):
+    checked = check_inputs(cfg, model_dir, joins_cluster=bool(address) or ray_initialized())
+    for note in checked.notes:
         print(f"distft: note: {note}", file=sys.stderr)
     plan = run_plan(cfg, model_dir)
     import ray
 
     init_ray(cfg, address)
+    # the rows the check built, for the workers (distft.worker): tokenising and packing the split again on every
+    # worker would cost each of them what it cost the check
+    train_rows = ray.put(checked.train) if checked.train is not None else None
     validate_cluster(cfg, ray.cluster_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(storage)
@@ -65,7 +69,7 @@ def launch(cfg: DictConfig) -> dict:
     storage.push("config.yaml")
 
     trainer = build_trainer(cfg, run_dir=run_dir, model_dir=model_dir, storage=storage,
-                            plan=plan)
+                            plan=plan, train_rows=train_rows)
     status, error, wall, user_error = fit(trainer, cfg)
     storage.pull("metrics.jsonl", "train_result.json")
     summary = build_summary(cfg, run_dir, status=status, error=error, wall_seconds=wall, plan=plan)
@@ -286,9 +290,10 @@ def torch_backend(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: RunStorage | None = None,
-                  plan: dict | None = None):
+                  plan: dict | None = None, train_rows=None):
     """Ray Train's TorchTrainer for this run. run.resume_from travels in the config: Ray Train 2.x refuses
-    `resume_from_checkpoint` (it raises DeprecationWarning), so the workers open it (distft.worker)."""
+    `resume_from_checkpoint` (it raises DeprecationWarning), so the workers open it (distft.worker). `train_rows`:
+    an object-store reference to the training split as the driver's check built it (None: the workers build it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -310,7 +315,7 @@ def build_trainer(cfg: DictConfig, *, run_dir: Path, model_dir: str, storage: Ru
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "model_dir": model_dir, "plan": plan},
+                           "model_dir": model_dir, "plan": plan, "train_rows": train_rows},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend=torch_backend(cfg), timeout_s=s.collective_timeout_s),

@@ -8,6 +8,7 @@ file and line or the config key, and the fix."""
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from distft.data import load_examples
@@ -17,7 +18,16 @@ from distft.settings import run_settings
 from distft.storage import is_uri
 
 
-def check_inputs(cfg, model_dir: str, *, joins_cluster: bool) -> list[str]:
+@dataclass
+class CheckedInputs:
+    """What `check_inputs` left to the workers, and the training split it built (None when left to the workers):
+    the driver hands those rows to the workers, who would otherwise tokenise and pack the split again."""
+
+    notes: list[str]
+    train: tuple[list, dict, str] | None = None  # rows, stats, template (distft.recipe.training_rows)
+
+
+def check_inputs(cfg, model_dir: str, *, joins_cluster: bool) -> CheckedInputs:
     """Raise a UserError for the first input that cannot work; return notes on what was left to the workers.
     `joins_cluster`: the workers run on a cluster this machine joins, so local paths may be node-local."""
     notes: list[str] = []
@@ -36,10 +46,8 @@ def check_inputs(cfg, model_dir: str, *, joins_cluster: bool) -> list[str]:
         if not joins_cluster:
             raise
         notes.append(f"the tokenizer of {model_dir} cannot be loaded here: the data is checked on the workers")
-        return notes
-    if readable:
-        check_data(cfg, tokenizer)
-    return notes
+        return CheckedInputs(notes)
+    return CheckedInputs(notes, check_data(cfg, tokenizer) if readable else None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,17 +103,19 @@ def check_hub_model(model_dir: str, *, revision: str | None = None, timeout: flo
                         "accepted the licence") from None
 
 
-def check_data(cfg, tokenizer) -> None:
-    """Build the training rows as a worker would, and load the test split the evaluation will read."""
+def check_data(cfg, tokenizer) -> tuple[list, dict, str]:
+    """Build the training rows as a worker would (and return them), and load the test split the evaluation will
+    read."""
     # imported here, not at the top: the command line imports check_storage and should stay light
     from distft.recipe import epoch_steps, training_rows
 
-    rows, _, _ = training_rows(cfg, tokenizer)
+    train = training_rows(cfg, tokenizer)
     world = cfg.scaling.num_workers
-    epoch_steps(cfg, len(rows), world=world, grad_accum=run_settings(cfg, world=world).grad_accum)
+    epoch_steps(cfg, len(train[0]), world=world, grad_accum=run_settings(cfg, world=world).grad_accum)
     if cfg.eval.enabled:
         d = cfg.data
         load_examples(d.name, d.path, "test", hub_id=d.hub_id, limit=1, system_prompt=d.system_prompt)
+    return train
 
 
 def check_storage(storage_path: str) -> None:

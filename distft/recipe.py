@@ -53,6 +53,7 @@ class WorkerContext:
     resume_warning: str | None = None  # an incomplete checkpoint was skipped
     worker_nodes: int | None = None
     plan: dict | None = None  # the planner's prediction, logged to W&B next to the measured peaks
+    train_rows: tuple[list, dict, str] | None = None  # the training split as the driver's check built it
 
 
 @dataclass
@@ -196,7 +197,7 @@ def quant_config(method, run: RunSettings):
 def build_data(cfg, ctx: WorkerContext, tokenizer, run: RunSettings) -> TrainData:
     """The training rows (validated, formatted, masked, packed) and this rank's resumable batches of them."""
     trainer = cfg.trainer
-    rows, stats, template = training_rows(cfg, tokenizer)
+    rows, stats, template = ctx.train_rows or training_rows(cfg, tokenizer)
     batches = ShardedBatches(rows, micro_batch_size=trainer.micro_batch_size, rank=ctx.rank, world_size=ctx.world,
                              seed=trainer.seed, shuffle=True, pad_id=tokenizer.pad_token_id)
     steps_per_epoch = epoch_steps(cfg, len(rows), world=ctx.world, grad_accum=run.grad_accum)

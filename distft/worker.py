@@ -53,7 +53,8 @@ def run_worker(cfg, config: dict, storage: RunStorage) -> None:
                 resume_dir=Path(ckpt_path) if ckpt_path else None,
                 resumed_from=checkpoint_location(checkpoint, storage, explicit=cfg.run.resume_from),
                 resume_warning=resume_warning,
-                worker_nodes=nodes, plan=config.get("plan"))
+                worker_nodes=nodes, plan=config.get("plan"),
+                train_rows=ray.get(config["train_rows"]) if config.get("train_rows") is not None else None)
             run_training(cfg, ctx, hooks)
     finally:
         preemption.training_finished()

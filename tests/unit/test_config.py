@@ -102,8 +102,8 @@ def test_missing_data_path_is_refused_on_the_driver_and_left_to_the_workers_on_a
     cfg = compose_cfg(["+experiment=gsm8k_lora", "model=tiny_llama", f"data.path={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="data.path=.*does not exist"):
         check_inputs(cfg, tiny_model_dir(), joins_cluster=False)
-    notes = check_inputs(cfg, tiny_model_dir(), joins_cluster=True)  # node-local data on a cluster this joins
-    assert notes == [f"data.path={tmp_path / 'nope'} is not readable on this machine (node-local?): checked on the "
+    checked = check_inputs(cfg, tiny_model_dir(), joins_cluster=True)  # node-local data on a cluster this joins
+    assert checked.train is None and checked.notes == [f"data.path={tmp_path / 'nope'} is not readable on this machine (node-local?): checked on the "
                      "workers"]
 
 

@@ -78,14 +78,26 @@ def test_checkpoints_are_handed_over_on_schedule_and_complete(full_run):
         assert check_checkpoint(full_run["ckpts"] / f"checkpoint_{step:06d}") is None
 
 
-def test_resume_from_a_checkpoint_continues_the_identical_curve(full_run, tmp_path, gsm8k_dir):
+def test_resume_from_a_checkpoint_continues_the_identical_curve(full_run, tmp_path, gsm8k_dir, monkeypatch):
+    """Also with the training rows handed over as the driver's input check built them (distft.launch puts them in
+    Ray's object store): the workers do not build them again, and they are the same rows."""
+    from distft import recipe
+    from distft.precheck import check_inputs
+
     run_dir = tmp_path / "resumed"
     run_dir.mkdir()
     # the interrupted run's metrics up to its checkpoint, as a restarted worker would find them
     shutil.copy(full_run["run_dir"] / "metrics.jsonl", run_dir / "metrics.jsonl")
     ckpt = full_run["ckpts"] / "checkpoint_000002"
-    result = run_training(_cfg(gsm8k_dir, "eval.enabled=false", "run.export=false"),
-                          WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir(), resume_dir=ckpt))
+    cfg = _cfg(gsm8k_dir, "eval.enabled=false", "run.export=false")
+    checked = check_inputs(cfg, tiny_model_dir(), joins_cluster=False)
+
+    def built_again(*args, **kwargs):
+        raise AssertionError("the worker built the training rows the driver handed over")
+
+    monkeypatch.setattr(recipe, "training_rows", built_again)
+    result = run_training(cfg, WorkerContext(run_dir=run_dir, model_dir=tiny_model_dir(), resume_dir=ckpt,
+                                             train_rows=checked.train))
     assert result["resumed_from"] == str(ckpt) and result["steps"] == STEPS
     resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
     original = {r["step"]: r["loss"] for r in read_metrics(full_run["run_dir"] / "metrics.jsonl")}
