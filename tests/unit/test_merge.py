@@ -9,31 +9,13 @@ import torch
 from safetensors import safe_open
 
 from distft.merge import main, merge_adapter
-from distft.model import ensure_random_model, load_tokenizer
-
-SHAPE = dict(vocab_size=512, num_layers=2)
+from distft.model import load_tokenizer
+from tests.export_helpers import SHAPE, write_checkpoints
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, str]:
-    """The same random Llama as a sharded safetensors checkpoint and as .bin only, and a tied-embedding Llama."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("bases")
-    base = ensure_random_model(**SHAPE)
-    tokenizer = load_tokenizer(str(base))
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    dirs = {name: root / name for name in ("sharded", "bin", "tied")}
-    model.save_pretrained(dirs["sharded"], max_shard_size="100KB")
-    model.config.save_pretrained(dirs["bin"])
-    torch.save(model.state_dict(), dirs["bin"] / "pytorch_model.bin")
-    config = LlamaConfig.from_pretrained(base)
-    config.tie_word_embeddings = True
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(dirs["tied"])
-    for d in dirs.values():
-        tokenizer.save_pretrained(d)
-    return {name: str(d) for name, d in dirs.items()}
+    return write_checkpoints(tmp_path_factory.mktemp("bases"))
 
 
 def _adapter(base: str, out: Path, **lora) -> Path:
@@ -99,7 +81,7 @@ def test_streamed_merge_writes_what_peft_merge_and_save_pretrained_write(bases, 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_whole_load)
     info = merge_adapter(base, adapter, tmp_path / "ours", dtype=dtype)
     monkeypatch.undo()
-    assert info["streamed"] and info["merged"] == 2 * 7, info  # 2 layers x (q, k, v, o, gate, up, down)
+    assert info["streamed"] and info["merged"] == SHAPE["num_layers"] * 7, info  # q, k, v, o, gate, up, down
     _assert_same_export(tmp_path / "ours", tmp_path / "peft")
     if base_name == "sharded":
         assert len(list((tmp_path / "ours").glob("*.safetensors"))) == 1  # 50GB shards, as save_pretrained

@@ -20,32 +20,12 @@ from distft.errors import UserError
 from distft.model import WeightSource, ensure_random_model, load_model
 from distft.strategy.streaming import StreamingLoad, adapter_problem, open_checkpoint
 from tests.conftest import rank_env
-
-# 4 layers with a small vocabulary, so that a decoder layer (148 kB) is the largest group and the model ~6 of them
-SHAPE = dict(vocab_size=512, num_layers=4)
-
-
-def _write_checkpoints(root: Path) -> dict[str, str]:
-    """The same random Llama as a sharded safetensors checkpoint (index + several files) and as .bin only, and a
-    tied-embedding Llama in one model.safetensors."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    base = ensure_random_model(**SHAPE)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    dirs = {name: root / name for name in ("sharded", "bin", "tied")}
-    model.save_pretrained(dirs["sharded"], max_shard_size="100KB")
-    model.config.save_pretrained(dirs["bin"])
-    torch.save(model.state_dict(), dirs["bin"] / "pytorch_model.bin")
-    config = LlamaConfig.from_pretrained(base)
-    config.tie_word_embeddings = True
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(dirs["tied"])
-    return {name: str(d) for name, d in dirs.items()}
+from tests.export_helpers import SHAPE, write_checkpoints
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    return _write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 # --- pieces, in this process ------------------------------------------------------------------------------------------
@@ -240,7 +220,7 @@ def results(tmp_path_factory) -> dict[int, dict]:
     from tests.integration.conftest import spawn_two_ranks
 
     out = tmp_path_factory.mktemp("streaming")
-    torch.save(_write_checkpoints(out), out / "dirs.pt")
+    torch.save(write_checkpoints(out), out / "dirs.pt")
     spawn_two_ranks(_worker, out, "streaming load")
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
