@@ -40,6 +40,9 @@ CASES = [
     Case("typo-scaling", ("scaling.num_worker=2",), ("scaling.num_worker", "scaling.num_workers")),
     Case("typo-run", ("run.nmae=x",), ("run.nmae", "run.name")),
     Case("typo-eval", ("eval.enable=false",), ("eval.enable", "eval.enabled")),
+    Case("deepspeed-without-plus",  # {{ }}: the arguments are format strings
+         ("strategy=zero3", "strategy.deepspeed={{zero_optimization:{{stage3_max_live_parameters:1}}}}"),
+         ("strategy.deepspeed takes any keys", "+strategy.deepspeed={zero_optimization:")),
     Case("added-key", ("+trainer.lrr=1e-4",), ("unknown config key trainer.lrr", "did you mean trainer.lr",
                                                "remove the leading +")),
     # wrong types, unknown group choices

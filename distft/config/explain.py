@@ -19,6 +19,11 @@ def explain(error: Exception, overrides: list[str]) -> str:
         message += "\n" + str(cause).strip()
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key and "not in" in str(cause):
+        if (open_dict := _open_dict(full_key)) is not None:
+            given = next((o for o in overrides if o.split("=", 1)[0] == open_dict or
+                          o.split("=", 1)[0].startswith(f"{open_dict}.")), f"{open_dict}={{...}}")
+            return (f"{open_dict} takes any keys, but a dict that the config does not hold yet is added with a "
+                    f"leading +: write +{given}")
         parent = full_key.rpartition(".")[0]
         keys = _keys(parent)
         close = nearest_keys(full_key, n=3)
@@ -36,6 +41,20 @@ def explain(error: Exception, overrides: list[str]) -> str:
         hint = f"did you mean {group}={' or '.join(close)}? " if close else ""
         return f"{group}={option} is not a config in distft/conf/{group}/: {hint}choices: {', '.join(options)}"
     return f"{message}\n(in the command-line overrides: {' '.join(overrides)})"
+
+
+def _open_dict(full_key: str) -> str | None:
+    """The free-form dict of the schema (strategy.deepspeed, run.env) that `full_key` lies in, or None."""
+    from distft.config.schema import TrainConfig
+
+    node, path = OmegaConf.structured(TrainConfig), []
+    for part in full_key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return None
+        node, path = node[part], [*path, part]
+        if OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict:
+            return ".".join(path)
+    return None
 
 
 def _keys(parent: str) -> list[str]:
