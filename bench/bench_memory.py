@@ -58,6 +58,40 @@ def proc_status() -> dict[str, int]:
     return out
 
 
+class HostSampler:
+    """Peaks of this process's anonymous and file-backed resident memory (RssAnon, RssFile), sampled by a thread
+    every `interval` seconds, and both as they were when sampling began (`before`)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+
+    def __enter__(self) -> "HostSampler":
+        import threading
+
+        self.before = self.read()
+        self.peak = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            for key, value in self.read().items():
+                self.peak[key] = max(self.peak[key], value)
+            if self._stop.wait(self.interval):
+                return
+
+    @staticmethod
+    def read() -> dict[str, int]:
+        status = proc_status()
+        return {"RssAnon": status["RssAnon"], "RssFile": status["RssFile"]}
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

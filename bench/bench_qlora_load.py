@@ -16,21 +16,15 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from bench_memory import machine  # noqa: E402
+from bench_memory import HostSampler, machine  # noqa: E402
 from bench_scale import SHAPES, build_checkpoint, dir_bytes  # noqa: E402
 
 GiB = 2**30
-
-
-def rss() -> dict[str, int]:
-    fields = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
-    return {k: int(v.split()[0]) * 1024 for k, _, v in fields if k in ("RssAnon", "RssFile")}
 
 
 def child(model_dir: str) -> None:
@@ -44,25 +38,13 @@ def child(model_dir: str) -> None:
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    peak = {"RssAnon": 0, "RssFile": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            for k, v in rss().items():
-                peak[k] = max(peak[k], v)
-            time.sleep(0.005)
-
-    before = rss()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    model = load_model(model_dir, dtype="bf16", quantization_config=quant, device=torch.device("cpu"))
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    with HostSampler(interval=0.005) as host:
+        start = time.perf_counter()
+        model = load_model(model_dir, dtype="bf16", quantization_config=quant, device=torch.device("cpu"))
+        seconds = time.perf_counter() - start
     kept = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"before": before, "peak": peak, "after": rss(), "seconds": seconds, "model_bytes": kept}))
+    print(json.dumps({"before": host.before, "peak": host.peak, "after": HostSampler.read(), "seconds": seconds,
+                      "model_bytes": kept}))
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from bench_memory import HostSampler  # noqa: E402  (stdlib only at import)
 
 PARTS = ("matrix", "mfu", "lora7b", "qlora7b")
 # model.* overrides of a random-initialised Llama (model=tiny_llama carries source=random)
@@ -137,39 +139,9 @@ def run_recipe(over: list[str], root: Path, name: str, gpu: bool) -> dict:
         # host memory of this process over the whole run (load included) beside the planner's host RAM at load
         # (one worker here): on a GPU the weights go tensor by tensor onto the device (device_map); the file pages
         # the loader maps are RssFile (page cache), the tensors in flight RssAnon above the runtime's
-        "host": {**host.peaks, "planned_load": plan.memory.host_per_node_load},
+        "host": {"anon_before": host.before["RssAnon"], "anon_peak": host.peak["RssAnon"],
+                 "file_peak": host.peak["RssFile"], "planned_load": plan.memory.host_per_node_load},
     }
-
-
-class HostSampler:
-    """Peaks of this process's anonymous and file-backed resident memory (/proc/self/status), sampled every 20 ms
-    by a thread, and the anonymous memory when sampling began (the runtime before the run)."""
-
-    def __enter__(self) -> HostSampler:
-        import threading
-
-        self.peaks = {"anon_before": self._read()["RssAnon"], "anon_peak": 0, "file_peak": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while True:
-            now = self._read()
-            self.peaks["anon_peak"] = max(self.peaks["anon_peak"], now["RssAnon"])
-            self.peaks["file_peak"] = max(self.peaks["file_peak"], now["RssFile"])
-            if self._stop.wait(0.02):
-                return
-
-    @staticmethod
-    def _read() -> dict[str, int]:
-        fields = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
-        return {k: int(v.split()[0]) * 1024 for k, _, v in fields if k in ("RssAnon", "RssFile")}
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- the parts --------------------------------------------------------------------------------------------------
