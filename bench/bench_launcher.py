@@ -97,7 +97,8 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
             "steady_step_seconds": statistics.median(steps[1:] or steps),
             "outside_loop_seconds": round(wall - sum(steps), 2), "losses": [r["loss"] for r in rows],
             "status": summary.get("status"), "load_before": os.getloadavg()[0],
-            "steady_cpu_cores": steady_cpu(watch)}
+            "steady_cpu_cores": steady_cpu(watch), "startup_cpu": startup_cpu(watch, steps[0]),
+            "rss_by_role": watch.rss()}
 
 
 def process_role(proc, root_pid: int) -> str | None:
@@ -122,6 +123,28 @@ def steady_cpu(watch) -> dict:
     workers = by_role.get("train_worker", 0.0)
     return {"seconds": round(window[1] - window[0], 1), "train_workers": round(workers, 3),
             "everything_else": round(sum(by_role.values()) - workers, 3), "by_role": by_role}
+
+
+def startup_cpu(watch, first_step_seconds: float) -> dict:
+    """Core-seconds each role used before the first step began: the part of the time outside the steps that is CPU
+    work, by process. The first step began when its metrics line was first seen less its own duration; each process
+    counts up to its last sample before that (every 2 s, so a process's last ~2 s of start-up can be missed, and
+    one that started and exited between two samples is not seen)."""
+    first_seen = next((t for t, n in watch.steps if n >= 1), None)
+    if first_seen is None or not watch.steps:
+        return {}
+    cutoff = first_seen - first_step_seconds
+    by_role: dict[str, float] = {}
+    for entry in watch.procs.values():
+        before = [c for t, c in entry["samples"] if t <= cutoff]
+        if before:
+            name = entry["role"] or "ray:worker_starting"
+            by_role[name] = by_role.get(name, 0.0) + before[-1]
+    workers, main = by_role.get("train_worker", 0.0), by_role.get("main", 0.0)
+    return {"seconds": round(cutoff - watch.steps[0][0], 1), "all": round(sum(by_role.values()), 1),
+            "train_workers": round(workers, 1), "main": round(main, 1),
+            "everything_else": round(sum(by_role.values()) - workers - main, 1),
+            "by_role": {k: round(v, 2) for k, v in sorted(by_role.items())}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +213,13 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['index']} | {r['kind']} | {r['steady_cpu_cores']['train_workers']:.2f} | "
                   f"{r['steady_cpu_cores']['everything_else']:.3f} |" for r in cpu]
+    start = [r for r in runs if r.get("startup_cpu")]
+    if start:
+        lines += ["", "CPU before the first step (core-seconds; sampled every 2 s):", "",
+                  "| run | launcher | seconds | all processes | the 2 training processes | the command's own process "
+                  "| every other process |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['index']} | {r['kind']} | {c['seconds']:.1f} | {c['all']:.1f} | {c['train_workers']:.1f} | "
+                  f"{c['main']:.1f} | {c['everything_else']:.1f} |" for r in start for c in [r["startup_cpu"]]]
     lines.append(f"\nsame loss curve under both launchers: {report['same_losses_both']}")
     return "\n".join(lines)
 

@@ -65,7 +65,7 @@ def run_all(out: Path, storage: Path, gsm8k: str, only: list[str] | None, eval_e
     from distft.launch import launch
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
+             runtime_env={"worker_process_setup_hook": "distft.ray_hooks.quiet_local_workers"})
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count()}

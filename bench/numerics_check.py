@@ -36,17 +36,25 @@ CASES = {
 FIELDS = ("status", "curve", "eval", "eval_start", "export_check", "trainable")
 
 
+def _has_hook(module: str) -> bool:
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module(module), "quiet_local_workers")
+    except ImportError:
+        return False
+
+
 def run_cases(root: Path, only: list[str]) -> dict:
     import ray
 
     from tests.conftest import GSM8K_DIR
     from tests.integration.conftest import PARITY, run_tiny
 
-    try:
-        from distft.launch import quiet_local_workers  # noqa: F401
-        hook = "distft.launch.quiet_local_workers"
-    except ImportError:  # commits before the layering change
-        hook = "distft.train.quiet_local_workers"
+    # where the hook lives at the commit under test: distft.ray_hooks, distft.launch before it, distft.train before
+    # the layering change
+    module = next((m for m in ("distft.ray_hooks", "distft.launch") if _has_hook(m)), "distft.train")
+    hook = f"{module}.quiet_local_workers"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": hook})
     out = {}

@@ -234,6 +234,13 @@ def local_resources(cfg: DictConfig) -> dict:
             "GPU": torch.cuda.device_count()}
 
 
+# A local cluster hosts this run alone, and every process Ray starts there shares the machine with the workers:
+# - Ray's idle workers started for the first driver serve no one: every actor of a run has a runtime env of its own;
+# - Ray Train's preemption watcher polls the node's drain state, which nothing drains here (a SIGTERM still
+#   checkpoints: distft.preemption). A value the user set in the environment still wins.
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 _STARTED_LOCAL: list[bool] = []  # non-empty once init_ray started a local cluster in this process
 
 
@@ -249,31 +256,17 @@ def init_ray(cfg: DictConfig, address: str | None) -> None:
         # Workers checkpoint on SIGTERM (distft.preemption) unless the job's runtime env has a setup hook already.
         job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
         hook = {} if "worker_process_setup_hook" in job_env else \
-            {"runtime_env": {"worker_process_setup_hook": "distft.launch.setup_cluster_workers"}}
+            {"runtime_env": {"worker_process_setup_hook": "distft.ray_hooks.setup_cluster_workers"}}
         ray.init(address=address, log_to_driver=True, **hook)
         console.drop_forwarded_noise()
         return
     console.quiet_local_driver()
     ray.init(num_cpus=local_resources(cfg)["CPU"], include_dashboard=False, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
+             runtime_env={"worker_process_setup_hook": "distft.ray_hooks.quiet_local_workers",
+                          "env_vars": LOCAL_RAY_ENV},
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     console.drop_forwarded_noise()
     _STARTED_LOCAL.append(True)
-
-
-def setup_cluster_workers() -> None:
-    """Ray `worker_process_setup_hook` of a run on a cluster: SIGTERM handling (distft.preemption) and the console
-    filters (distft.console)."""
-    preemption.setup_worker_process()
-    console.quiet_ray_processes()
-
-
-def quiet_local_workers() -> None:
-    """The hook of a local cluster. It runs without the dashboard, so Ray Train's placement-group cleaner cannot
-    reach the state API and warns every few seconds; the warning is noise there (the driver cleans up on exit)."""
-    import logging
-
-    setup_cluster_workers()
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def torch_backend(cfg: DictConfig) -> str | None:

@@ -141,6 +141,6 @@ def ray_cluster():
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "distft.launch.quiet_local_workers"})
+             runtime_env={"worker_process_setup_hook": "distft.ray_hooks.quiet_local_workers"})
     yield
     ray.shutdown()

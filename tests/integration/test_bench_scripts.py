@@ -66,6 +66,9 @@ def test_launcher_benchmark_runs_the_same_recipe_under_ray_and_torchrun(tmp_path
     for r in report["runs"]:
         assert r["status"] == "completed" and len(r["losses"]) == report["steps"]
         assert r["wall_seconds"] > r["loop_seconds"] > 0
+        start = r["startup_cpu"]  # where the time before the first step went, in CPU by process
+        assert start["train_workers"] > 0 and start["all"] >= start["train_workers"] + start["main"]
+        assert 0 < start["seconds"] < r["outside_loop_seconds"]
     # one recipe, two launchers: the same seed, rows and sharding give the same loss curve
     assert report["same_losses_both"] is True
 

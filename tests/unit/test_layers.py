@@ -104,3 +104,13 @@ def test_the_recipe_reaches_no_ray_and_no_driver_code(entry):
     with_ray = sorted(name for name in reached if "ray" in _imports(name)[1])
     assert with_ray == [], f"{entry} reaches Ray through {with_ray}"
     assert not reached & {"distft.train", "distft.launch", "distft.compare", "distft.worker", "distft.summary"}
+
+
+def test_the_ray_setup_hook_loads_no_torch():
+    # Ray runs the hook in every process of the job (controller, helper actors, the stop flag): anything heavy it
+    # imports is paid once per process before training starts
+    reached = _reachable("distft.ray_hooks")
+    heavy = {"torch", "transformers", "peft", "deepspeed", "hydra", "omegaconf", "datasets"}
+    loads = {name: sorted(_imports(name)[1] & heavy) for name in reached if _imports(name)[1] & heavy}
+    assert loads == {}, f"distft.ray_hooks reaches {loads}"
+    assert {"distft.preemption", "distft.console"} <= reached  # control: the walk saw the hook's imports
