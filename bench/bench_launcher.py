@@ -12,6 +12,9 @@ falls on both. Step times come from each run's metrics.jsonl, so the loop's shar
     python bench/bench_launcher.py --report bench/results/launcher_cpu.json
     python bench/bench_launcher.py --dry-run --out /tmp/launcher.json                  # tiny random Llama, 3 steps
 
+    git worktree add /tmp/distft-before <commit>      # a third launcher: distft's command at an older commit
+    python bench/bench_launcher.py --before /tmp/distft-before --repeats 2 --out bench/results/launcher_cpu_X.json
+
 `--torchrun-worker` is the per-process entry torchrun starts (internal).
 """
 
@@ -68,7 +71,12 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
     over = overrides(model=args.model, steps=args.steps, data=args.data, storage=work, name=name)
     # Ray gives each worker OMP_NUM_THREADS = its CPUs; torchrun's processes get the same
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cwd = REPO
     if kind == "distft":
+        cmd = [sys.executable, "-m", "distft.train", *over]
+    elif kind == "distft-before":  # the older checkout's package and configs, in the driver and Ray's workers
+        cwd = args.before.resolve()
+        env["PYTHONPATH"] = str(cwd)
         cmd = [sys.executable, "-m", "distft.train", *over]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -77,7 +85,7 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
 
     started = time.perf_counter()
     with (work / f"{name}.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
         # every 2 s: each sample reads ~15 processes, and the sampler shares the 2 cores with the run
         watch = Watcher(proc.pid, work / name / "metrics.jsonl", every=2.0, role=process_role)
         for line in proc.stdout:  # seconds since launch on every line: the log is the start-up timeline
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("--report", metavar="JSON")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--before", type=Path, help="an older distft checkout: its command is a third launcher")
     p.add_argument("--torchrun-worker", action="store_true")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -172,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     runs = []
     for i in range(args.repeats):
-        for kind in (("distft", "torchrun") if i % 2 == 0 else ("torchrun", "distft")):
+        kinds = ["distft", "torchrun"] + (["distft-before"] if args.before else [])
+        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
             runs.append(run_once(kind, args, work, i))
             print(f"[bench_launcher] {kind} #{i}: {runs[-1]['wall_seconds']:.1f} s", flush=True)
     report = {"steps": args.steps, "model": args.model, "runs": runs, "started": time.strftime("%F %T")}
-    for kind in ("distft", "torchrun"):
+    for kind in ("distft", "torchrun", "distft-before"):
+        if not any(r["kind"] == kind for r in runs):
+            continue
         losses = {json.dumps(r["losses"]) for r in runs if r["kind"] == kind}
         report[f"{kind}_same_losses_every_run"] = len(losses) == 1
     report["same_losses_both"] = ({json.dumps(r["losses"]) for r in runs if r["kind"] == "distft"}
@@ -199,13 +211,19 @@ def markdown(report: dict) -> str:
         first = f"{r['first_step_seconds']:.1f}" if "first_step_seconds" in r else "n/a"
         lines.append(f"| {r['index']} | {r['kind']} | {r['wall_seconds']:.1f} | {r['loop_seconds']:.1f} | {first} | "
                      f"{r['steady_step_seconds']:.2f} | {r['outside_loop_seconds']:.1f} |")
-    lines += ["", "| | distft (Ray) | torchrun | ratio |", "|---|---|---|---|"]
+    before = any(r["kind"] == "distft-before" for r in runs)
+    lines += ["", "| | distft (Ray) | torchrun | ratio |" + (" distft before | its ratio |" if before else ""),
+              "|---|---|---|---|" + ("---|---|" if before else "")]
     for key, label in (("wall_seconds", "end-to-end wall s"), ("loop_seconds", "the steps, s"),
                        ("steady_step_seconds", "steady step s"), ("outside_loop_seconds", "outside the steps, s")):
         for pick, name in ((statistics.median, "median"), (min, "fastest run")):
             a = pick(r[key] for r in runs if r["kind"] == "distft")
             b = pick(r[key] for r in runs if r["kind"] == "torchrun")
-            lines.append(f"| {label} ({name}) | {a:.2f} | {b:.2f} | {a / b:.3f}x |")
+            row = f"| {label} ({name}) | {a:.2f} | {b:.2f} | {a / b:.3f}x |"
+            if before:
+                c = pick(r[key] for r in runs if r["kind"] == "distft-before")
+                row += f" {c:.2f} | {c / b:.3f}x |"
+            lines.append(row)
     cpu = [r for r in runs if r.get("steady_cpu_cores")]
     if cpu:
         lines += ["", "Cores used during the steady steps (sampled every 2 s; 2 cores in all):", "",
