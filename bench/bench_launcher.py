@@ -72,11 +72,10 @@ def run_once(kind: str, args, work: Path, index: int) -> dict:
     # Ray gives each worker OMP_NUM_THREADS = its CPUs; torchrun's processes get the same
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cwd = REPO
-    if kind == "distft":
-        cmd = [sys.executable, "-m", "distft.train", *over]
-    elif kind == "distft-before":  # the older checkout's package and configs, in the driver and Ray's workers
+    if kind == "distft-before":  # the older checkout's package and configs, in the driver and Ray's workers
         cwd = args.before.resolve()
         env["PYTHONPATH"] = str(cwd)
+    if kind.startswith("distft"):
         cmd = [sys.executable, "-m", "distft.train", *over]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -139,7 +138,7 @@ def startup_cpu(watch, first_step_seconds: float) -> dict:
     counts up to its last sample before that (every 2 s, so a process's last ~2 s of start-up can be missed, and
     one that started and exited between two samples is not seen)."""
     first_seen = next((t for t, n in watch.steps if n >= 1), None)
-    if first_seen is None or not watch.steps:
+    if first_seen is None:
         return {}
     cutoff = first_seen - first_step_seconds
     by_role: dict[str, float] = {}
@@ -180,15 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_launcher-"))
     work.mkdir(parents=True, exist_ok=True)
     runs = []
+    kinds = ["distft", "torchrun"] + (["distft-before"] if args.before else [])
     for i in range(args.repeats):
-        kinds = ["distft", "torchrun"] + (["distft-before"] if args.before else [])
         for kind in (kinds if i % 2 == 0 else kinds[::-1]):
             runs.append(run_once(kind, args, work, i))
             print(f"[bench_launcher] {kind} #{i}: {runs[-1]['wall_seconds']:.1f} s", flush=True)
     report = {"steps": args.steps, "model": args.model, "runs": runs, "started": time.strftime("%F %T")}
-    for kind in ("distft", "torchrun", "distft-before"):
-        if not any(r["kind"] == kind for r in runs):
-            continue
+    for kind in kinds:
         losses = {json.dumps(r["losses"]) for r in runs if r["kind"] == kind}
         report[f"{kind}_same_losses_every_run"] = len(losses) == 1
     report["same_losses_both"] = ({json.dumps(r["losses"]) for r in runs if r["kind"] == "distft"}

@@ -1,7 +1,7 @@
 """Ray `worker_process_setup_hook`s of a distft job. Ray runs the hook in every worker process of the job (Ray Train's
 controller and helper actors, distft's stop flag, the training workers), so this module imports only what the hooks
-need: importing `distft.launch` there would load torch into each of those processes (about 1.5 s of CPU apiece,
-on the critical path of a run's start)."""
+need: importing `distft.launch` there loaded torch into each of those processes (1.5-3 core-seconds and ~190 MiB
+apiece before the first step: bench/results/launcher_cpu_light_hooks.json)."""
 
 import logging
 
